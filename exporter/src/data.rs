@@ -1,0 +1,420 @@
+//! Folder-per-class image datasets: scanning, a deterministic split, decoding, batching and
+//! light augmentation. Pixels go through the runtime crate's [`PatchPipeline`], the same code
+//! that serves the model, so training and serving see identical inputs.
+
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use runtime::{DecodedImage, PatchPipeline, PreprocessConfig, PreprocessError, Region};
+use std::path::{Path, PathBuf};
+
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read dataset folder {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} has no class sub-folders with images (expected ROOT/<class>/<image>)")]
+    NoClasses(String),
+    #[error("{0} has a single class; a classifier needs at least two")]
+    SingleClass(String),
+    #[error("train and validation folders have different classes: {train:?} vs {val:?}")]
+    ClassMismatch {
+        train: Vec<String>,
+        val: Vec<String>,
+    },
+    #[error("validation fraction {0} is not in (0, 1)")]
+    BadFraction(f64),
+    #[error("no readable images in {0}")]
+    Empty(String),
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+}
+
+/// One labelled image file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item {
+    pub path: PathBuf,
+    pub label: usize,
+}
+
+/// A folder whose sub-folders are classes (sorted by name) holding images.
+#[derive(Clone, Debug)]
+pub struct ImageFolder {
+    pub classes: Vec<String>,
+    pub items: Vec<Item>,
+}
+
+impl ImageFolder {
+    pub fn scan(root: &Path) -> Result<Self, DataError> {
+        let io = |source| DataError::Io {
+            path: root.display().to_string(),
+            source,
+        };
+        let mut classes: Vec<(String, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(root).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            if entry.file_type().map_err(io)?.is_dir() {
+                classes.push((
+                    entry.file_name().to_string_lossy().into_owned(),
+                    entry.path(),
+                ));
+            }
+        }
+        classes.sort();
+        let mut names = Vec::new();
+        let mut items = Vec::new();
+        for (name, dir) in classes {
+            let mut files = image_files(&dir)?;
+            if files.is_empty() {
+                continue;
+            }
+            files.sort();
+            let label = names.len();
+            names.push(name);
+            items.extend(files.into_iter().map(|path| Item { path, label }));
+        }
+        match names.len() {
+            0 => Err(DataError::NoClasses(root.display().to_string())),
+            1 => Err(DataError::SingleClass(root.display().to_string())),
+            _ => Ok(ImageFolder {
+                classes: names,
+                items,
+            }),
+        }
+    }
+}
+
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let io = |source| DataError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let is_image = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+        if is_image && path.is_file() {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// Training and validation items with their shared class names.
+#[derive(Clone, Debug)]
+pub struct Splits {
+    pub classes: Vec<String>,
+    pub train: Vec<Item>,
+    pub val: Vec<Item>,
+}
+
+impl Splits {
+    /// `ROOT/train` + `ROOT/val` (or `validation`) when both exist; otherwise a stratified
+    /// split of `ROOT/<class>` keeping `val_fraction` of each class, fixed by `seed`.
+    pub fn from_folder(root: &Path, val_fraction: f64, seed: u64) -> Result<Self, DataError> {
+        let train_dir = root.join("train");
+        let val_dir = ["val", "validation"]
+            .map(|n| root.join(n))
+            .into_iter()
+            .find(|d| d.is_dir());
+        if let (true, Some(val_dir)) = (train_dir.is_dir(), val_dir) {
+            let train = ImageFolder::scan(&train_dir)?;
+            let val = ImageFolder::scan(&val_dir)?;
+            if train.classes != val.classes {
+                return Err(DataError::ClassMismatch {
+                    train: train.classes,
+                    val: val.classes,
+                });
+            }
+            return Ok(Splits {
+                classes: train.classes,
+                train: train.items,
+                val: val.items,
+            });
+        }
+        if !(val_fraction > 0.0 && val_fraction < 1.0) {
+            return Err(DataError::BadFraction(val_fraction));
+        }
+        let folder = ImageFolder::scan(root)?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for label in 0..folder.classes.len() {
+            let mut items: Vec<Item> = folder
+                .items
+                .iter()
+                .filter(|i| i.label == label)
+                .cloned()
+                .collect();
+            items.shuffle(&mut rng);
+            // Every class with two or more images gets at least one validation image.
+            let n_val = match items.len() {
+                0 | 1 => 0,
+                n => ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1),
+            };
+            val.extend(items.drain(..n_val));
+            train.extend(items);
+        }
+        Ok(Splits {
+            classes: folder.classes,
+            train,
+            val,
+        })
+    }
+}
+
+/// An image that could not be used, and why.
+#[derive(Clone, Debug)]
+pub struct SkippedImage {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Decoded images of one split.
+#[derive(Debug, Default)]
+pub struct ImageSet {
+    pub frames: Vec<DecodedImage>,
+    pub labels: Vec<usize>,
+    pub paths: Vec<PathBuf>,
+    pub skipped: Vec<SkippedImage>,
+}
+
+impl ImageSet {
+    /// Decode every item (on all cores); unreadable files are logged and counted, not fatal.
+    pub fn load(items: &[Item], on_progress: &(dyn Fn(usize) + Sync)) -> ImageSet {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = items.len().div_ceil(threads).max(1);
+        let decoded: Vec<Vec<(usize, Result<DecodedImage, String>)>> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = items
+                    .chunks(chunk)
+                    .enumerate()
+                    .map(|(c, part)| {
+                        scope.spawn(move || {
+                            part.iter()
+                                .enumerate()
+                                .map(|(i, item)| {
+                                    let result =
+                                        runtime::decode_file(&item.path).map_err(|e| e.to_string());
+                                    on_progress(1);
+                                    (c * chunk + i, result)
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("decoder thread panicked"))
+                    .collect()
+            });
+        let mut set = ImageSet::default();
+        for (index, result) in decoded.into_iter().flatten() {
+            let item = &items[index];
+            match result {
+                Ok(frame) => {
+                    set.frames.push(frame);
+                    set.labels.push(item.label);
+                    set.paths.push(item.path.clone());
+                }
+                Err(reason) => {
+                    log::warn!("skipping {}: {reason}", item.path.display());
+                    set.skipped.push(SkippedImage {
+                        path: item.path.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        set
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// True when every image is single-channel (the model then takes 1 channel).
+    pub fn all_grey(&self) -> bool {
+        self.frames
+            .iter()
+            .all(|f| f.format == runtime::PixelFormat::Gray8)
+    }
+}
+
+/// Random-resized crop and horizontal flip, mild enough for small datasets.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Augmentation {
+    /// Range of the crop's area as a fraction of the image.
+    pub min_area: f32,
+    pub flip: bool,
+}
+
+impl Default for Augmentation {
+    fn default() -> Self {
+        Augmentation {
+            min_area: 0.5,
+            flip: true,
+        }
+    }
+}
+
+impl Augmentation {
+    fn crop(&self, width: u32, height: u32, rng: &mut StdRng) -> Region {
+        let (w, h) = (width as f32, height as f32);
+        for _ in 0..10 {
+            let area = w * h * rng.random_range(self.min_area..=1.0);
+            let aspect = (rng.random_range((3.0f32 / 4.0).ln()..=(4.0f32 / 3.0).ln())).exp();
+            let cw = (area * aspect).sqrt();
+            let ch = (area / aspect).sqrt();
+            if cw <= w && ch <= h {
+                let left = rng.random_range(0.0..=(w - cw));
+                let top = rng.random_range(0.0..=(h - ch));
+                return Region {
+                    left,
+                    top,
+                    width: cw,
+                    height: ch,
+                };
+            }
+        }
+        Region::whole(width, height)
+    }
+}
+
+/// Preprocessed pixels of a whole set, computed once when it is not augmented.
+#[derive(Debug)]
+pub struct PreparedSet {
+    pub config: PreprocessConfig,
+    pub pixels: Vec<f32>,
+    pub labels: Vec<usize>,
+    per_image: usize,
+}
+
+impl PreparedSet {
+    pub fn new(set: &ImageSet, config: &PreprocessConfig) -> Result<Self, DataError> {
+        let mut pipeline = PatchPipeline::new(config.clone())?;
+        let per_image = config.tensor_len();
+        let mut pixels = vec![0.0; per_image * set.len()];
+        for (frame, out) in set.frames.iter().zip(pixels.chunks_mut(per_image)) {
+            pipeline.run(&frame.frame(), out)?;
+        }
+        Ok(PreparedSet {
+            config: config.clone(),
+            pixels,
+            labels: set.labels.clone(),
+            per_image,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image(&self, index: usize) -> &[f32] {
+        &self.pixels[index * self.per_image..(index + 1) * self.per_image]
+    }
+}
+
+/// Where a batch's pixels come from.
+pub enum Source<'a> {
+    Prepared(&'a PreparedSet),
+    Augmented {
+        set: &'a ImageSet,
+        augmentation: Augmentation,
+    },
+}
+
+impl Source<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Source::Prepared(p) => p.len(),
+            Source::Augmented { set, .. } => set.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Builds batches as burn tensors, reusing its buffers.
+pub struct Batcher {
+    pipeline: PatchPipeline,
+    pixels: Vec<f32>,
+    labels: Vec<i64>,
+}
+
+impl Batcher {
+    pub fn new(config: &PreprocessConfig) -> Result<Self, DataError> {
+        Ok(Batcher {
+            pipeline: PatchPipeline::new(config.clone())?,
+            pixels: Vec::new(),
+            labels: Vec::new(),
+        })
+    }
+
+    /// The images at `indices` as `[batch, C, H, W]` plus their labels.
+    pub fn batch(
+        &mut self,
+        source: &Source,
+        indices: &[usize],
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<(Tensor<4>, Tensor<1, Int>), DataError> {
+        let config = self.pipeline.config();
+        let (size, channels) = (config.image_size as usize, config.channels as usize);
+        let per_image = config.tensor_len();
+        self.pixels.resize(per_image * indices.len(), 0.0);
+        self.labels.clear();
+        for (&index, out) in indices.iter().zip(self.pixels.chunks_mut(per_image)) {
+            match source {
+                Source::Prepared(prepared) => {
+                    out.copy_from_slice(prepared.image(index));
+                    self.labels.push(prepared.labels[index] as i64);
+                }
+                Source::Augmented { set, augmentation } => {
+                    let frame = set.frames[index].frame();
+                    let region = augmentation.crop(frame.width, frame.height, rng);
+                    self.pipeline.run_region(&frame, region, out)?;
+                    if augmentation.flip && rng.random_bool(0.5) {
+                        out.chunks_mut(size).for_each(|row| row.reverse());
+                    }
+                    self.labels.push(set.labels[index] as i64);
+                }
+            }
+        }
+        let images = Tensor::from_data(
+            TensorData::new(self.pixels.clone(), [indices.len(), channels, size, size]),
+            device,
+        );
+        let labels = Tensor::from_data(
+            TensorData::new(self.labels.clone(), [indices.len()]),
+            device,
+        );
+        Ok((images, labels))
+    }
+}
+
+/// A permutation of `0..len` fixed by `(seed, epoch)`, so a resumed run sees the same order.
+pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
+    order
+}

@@ -1,0 +1,479 @@
+//! `exporter`: train the tutorial's ViT on a folder of images, evaluate it, convert datasets.
+//! A thin layer over the `exporter` library: parse flags, call, print.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use exporter::Preset;
+use exporter::training::{self, EpochMetrics, ModelOverrides, NewRun, Progress, Recipe};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "exporter",
+    version,
+    about = "Train the tutorial's Vision Transformer in burn and export it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a ViT on a folder-per-class image dataset (or resume a run).
+    ///
+    /// DATA holds one sub-folder per class (sorted names = class order), or `train/` and `val/`
+    /// folders of that shape. Without them, a stratified split keeps --val-fraction of each class
+    /// for validation. The run folder gets config.json, metrics.jsonl, curves.png, the latest
+    /// checkpoint and the best-by-validation-accuracy weights, each written atomically every epoch.
+    Train(Box<TrainArgs>),
+    /// Accuracy, per-class accuracy and confusion matrix of a run's best weights on a folder.
+    Eval(EvalArgs),
+    /// Write the run's best weights as a verified, self-describing ONNX file.
+    ///
+    /// The graph uses standard ops (opset 17+: Conv, LayerNormalization, MatMul, Softmax, Erf
+    /// GELU, …), input `pixel_values` [batch, C, H, W], output `logits` [batch, classes], and
+    /// carries labels and preprocessing in its metadata. Before writing, tract runs it on real
+    /// validation images at batch 1 and 3; the export fails unless its logits match burn's
+    /// within 1e-4.
+    Export(ExportArgs),
+    /// Print an ONNX file's inputs, outputs, op histogram, parameter count and metadata.
+    Inspect {
+        model: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert public datasets to folder-per-class images.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Dataset folder (required unless --resume).
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
+    /// Run folder to create.
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder from its last complete epoch.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Architecture preset; the flags below override single fields.
+    #[arg(long, value_enum, default_value_t = Preset::Seed)]
+    preset: Preset,
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    patch_size: Option<usize>,
+    #[arg(long)]
+    dim: Option<usize>,
+    #[arg(long)]
+    depth: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    mlp_dim: Option<usize>,
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Epochs to train (with --resume: the new total).
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Learning rate at the end of the cosine schedule.
+    #[arg(long, default_value_t = 1e-5)]
+    min_lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f64,
+    /// Linear warm-up length in epochs (fractions allowed).
+    #[arg(long, default_value_t = 0.0)]
+    warmup_epochs: f64,
+    /// Clip the global gradient norm to this value.
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Disable gradient clipping.
+    #[arg(long)]
+    no_grad_clip: bool,
+    #[arg(long)]
+    label_smoothing: Option<f32>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Random-resized crop + horizontal flip (default: on for colour data, off for grey).
+    #[arg(long, overrides_with = "no_augment")]
+    augment: bool,
+    #[arg(long)]
+    no_augment: bool,
+    /// Input channels (default: 1 if every training image is grey, else 3).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Per-channel mean of [0,1] pixels (one value, or one per channel). Default 0.5.
+    #[arg(long, value_delimiter = ',')]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std of [0,1] pixels. Default 0.5.
+    #[arg(long, value_delimiter = ',')]
+    std: Option<Vec<f32>>,
+    /// How frames reach the square input: squash (the tutorial's) or center-crop.
+    #[arg(long, default_value = "squash")]
+    resize: runtime::ResizeMode,
+    /// burn backend to train on.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Stop after this many epochs of this invocation, keeping the whole schedule; continue
+    /// later with --resume (for runs longer than one sitting).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Run folder written by `exporter train`.
+    #[arg(long, value_name = "RUN_DIR")]
+    checkpoint: PathBuf,
+    /// Folder-per-class images with the run's class names.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write confusion.png and confusion.txt (default: the run folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Run folder written by `exporter train`.
+    #[arg(long, value_name = "RUN_DIR")]
+    checkpoint: PathBuf,
+    /// Output file (default: RUN_DIR/model.onnx).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = exporter::export::DEFAULT_OPSET)]
+    opset: i64,
+    /// Dataset to take verification images from (default: the run's training data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Fashion-MNIST IDX files → OUT/{train,test}/<class>/<n>.png (10 classes, 28x28 grey).
+    FashionMnist {
+        #[arg(long)]
+        out: PathBuf,
+        /// Folder with the four *-ubyte.gz files (default: Debian's dataset-fashion-mnist).
+        #[arg(long, default_value = exporter::fashion_mnist::DEBIAN_DIR)]
+        from: PathBuf,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train(*args),
+        Command::Eval(args) => eval(args),
+        Command::Export(args) => export(args),
+        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Data(DataCommand::FashionMnist { out, from }) => {
+            let bar = counter_bar(70_000, "converting");
+            let converted = exporter::fashion_mnist::convert(&from, &out, &|n| bar.inc(n as u64))?;
+            bar.finish_and_clear();
+            println!(
+                "wrote {} training and {} test images to {}",
+                converted.train,
+                converted.test,
+                converted.out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let mut progress = BarProgress::new(!args.json);
+    let summary = if let Some(run_dir) = &args.resume {
+        training::resume(run_dir, args.epochs, args.stop_after, &mut progress)
+            .with_context(|| format!("resuming {}", run_dir.display()))?
+    } else {
+        let new = NewRun {
+            data: args.data.clone().expect("clap requires --data"),
+            preset: args.preset,
+            overrides: ModelOverrides {
+                image_size: args.image_size,
+                patch_size: args.patch_size,
+                dim: args.dim,
+                depth: args.depth,
+                heads: args.heads,
+                mlp_dim: args.mlp_dim,
+                dropout: args.dropout,
+            },
+            recipe: Recipe {
+                epochs: args.epochs.unwrap_or(Recipe::default().epochs),
+                batch_size: args.batch_size,
+                learning_rate: args.lr,
+                min_learning_rate: args.min_lr,
+                weight_decay: args.weight_decay,
+                warmup_epochs: args.warmup_epochs,
+                grad_clip: (!args.no_grad_clip).then_some(args.grad_clip),
+                label_smoothing: args.label_smoothing,
+                seed: args.seed,
+                val_fraction: args.val_fraction,
+            },
+            augment: match (args.augment, args.no_augment) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            channels: args.channels,
+            mean: args.mean.clone(),
+            std: args.std.clone(),
+            resize: args.resize,
+            backend: args.backend.clone(),
+            stop_after: args.stop_after,
+        };
+        let out = args.out.clone().expect("clap requires --out");
+        training::train(new, &out, &mut progress)
+            .with_context(|| format!("training into {}", out.display()))?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        let best = summary.best.as_ref();
+        println!(
+            "done: {} epochs, {} steps; best validation accuracy {:.2}% (epoch {}); run in {}",
+            summary.epochs.len(),
+            summary.steps,
+            best.map_or(0.0, |b| b.val_accuracy * 100.0),
+            best.map_or(0, |b| b.epoch),
+            summary.run_dir.display()
+        );
+        if summary.skipped_images > 0 {
+            println!(
+                "skipped {} unreadable images (see the warnings above)",
+                summary.skipped_images
+            );
+        }
+    }
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let report = exporter::eval::eval_run(&args.checkpoint, &args.data, args.batch_size)
+        .with_context(|| {
+            format!(
+                "evaluating {} on {}",
+                args.checkpoint.display(),
+                args.data.display()
+            )
+        })?;
+    let out = args.out.unwrap_or_else(|| args.checkpoint.clone());
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    runtime::write_atomic(
+        &out.join("confusion.txt"),
+        report.confusion_text().as_bytes(),
+    )?;
+    exporter::plots::confusion_matrix(
+        &report.confusion,
+        &report.classes,
+        &out.join("confusion.png"),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "accuracy {:.2}% on {} images (loss {:.4})",
+        report.accuracy * 100.0,
+        report.count,
+        report.loss
+    );
+    if report.skipped > 0 {
+        println!("skipped {} unreadable images", report.skipped);
+    }
+    for class in &report.per_class {
+        println!(
+            "  {:<20} {:>6.2}%  ({} images)",
+            class.class,
+            class.accuracy * 100.0,
+            class.count
+        );
+    }
+    println!("\n{}", report.confusion_text());
+    println!("confusion matrix: {}", out.join("confusion.png").display());
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let out = args
+        .out
+        .unwrap_or_else(|| args.checkpoint.join("model.onnx"));
+    let report = exporter::export::export(&args.checkpoint, &out, args.opset, args.data.as_deref())
+        .with_context(|| format!("exporting {}", args.checkpoint.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "wrote {} ({} bytes, opset {}, {} parameters)",
+        report.path.display(),
+        report.bytes,
+        report.opset,
+        report.parameters
+    );
+    for (batch, diff) in &report.max_abs_diff {
+        println!("  verified with tract at batch {batch}: max |tract - burn| = {diff:.2e}");
+    }
+    let ops: Vec<String> = report
+        .op_histogram
+        .iter()
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect();
+    println!("  ops: {}", ops.join(", "));
+    Ok(())
+}
+
+fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
+    let info = exporter::export::inspect(path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!(
+        "{}  (producer: {}, opset {:?})",
+        path.display(),
+        info.producer,
+        info.opset
+    );
+    for (name, dims) in &info.inputs {
+        println!("input  {name} [{}]", dims.join(", "));
+    }
+    for (name, dims) in &info.outputs {
+        println!("output {name} [{}]", dims.join(", "));
+    }
+    println!("parameters {}", info.parameters);
+    println!("ops:");
+    for (op, n) in &info.op_histogram {
+        println!("  {op:<20} {n}");
+    }
+    println!("metadata:");
+    for (key, value) in &info.metadata {
+        println!("  {key} = {value}");
+    }
+    Ok(())
+}
+
+fn counter_bar(total: u64, message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    bar.set_message(message);
+    bar
+}
+
+/// Training progress on stderr: a bar per epoch and a line per finished epoch. When stderr is
+/// not a terminal (logs, nohup), a plain line every 30 s replaces the bar.
+struct BarProgress {
+    visible: bool,
+    bar: Option<ProgressBar>,
+    epoch: usize,
+    epochs: usize,
+    steps: usize,
+    step: usize,
+    last_line: std::time::Instant,
+}
+
+impl BarProgress {
+    fn new(visible: bool) -> Self {
+        BarProgress {
+            visible,
+            bar: None,
+            epoch: 0,
+            epochs: 0,
+            steps: 0,
+            step: 0,
+            last_line: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Progress for BarProgress {
+    fn epoch_started(&mut self, epoch: usize, epochs: usize, steps: usize) {
+        (self.epoch, self.epochs, self.steps, self.step) = (epoch, epochs, steps, 0);
+        if self.visible && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = ProgressBar::new(steps as u64);
+            bar.set_style(
+                ProgressStyle::with_template("epoch {prefix} {bar:30} {pos}/{len} {msg} eta {eta}")
+                    .expect("valid template"),
+            );
+            bar.set_prefix(format!("{epoch}/{epochs}"));
+            self.bar = Some(bar);
+        }
+    }
+
+    fn step(&mut self, loss: f64, accuracy: f64, images_per_second: f64) {
+        self.step += 1;
+        let status = format!(
+            "loss {loss:.4} acc {:.1}% {images_per_second:.0} img/s",
+            accuracy * 100.0
+        );
+        if let Some(bar) = &self.bar {
+            bar.set_message(status);
+            bar.inc(1);
+        } else if self.visible && self.last_line.elapsed().as_secs() >= 30 {
+            self.last_line = std::time::Instant::now();
+            eprintln!(
+                "epoch {}/{} step {}/{}: {status}",
+                self.epoch, self.epochs, self.step, self.steps
+            );
+        }
+    }
+
+    fn epoch_finished(&mut self, m: &EpochMetrics) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        if self.visible {
+            eprintln!(
+                "epoch {}/{}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}% | {:.0} img/s, {:.1}s, lr {:.2e}",
+                m.epoch,
+                self.epochs,
+                m.train_loss,
+                m.train_accuracy * 100.0,
+                m.val_loss,
+                m.val_accuracy * 100.0,
+                m.images_per_second,
+                m.epoch_seconds,
+                m.learning_rate
+            );
+        }
+    }
+
+    fn message(&mut self, text: &str) {
+        if self.visible {
+            eprintln!("{text}");
+        }
+    }
+}

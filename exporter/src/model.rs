@@ -1,0 +1,396 @@
+//! The Vision Transformer of the "ViT from scratch" tutorial, in burn.
+//!
+//! Patch embedding (`b c (h p1) (w p2) -> b (h w) (p1 p2 c)` then Linear), a learnable CLS
+//! token in front, a learnable position embedding added, `depth` pre-norm encoder blocks, and
+//! LayerNorm + Linear on the CLS token. The ONNX exporter mirrors this file op for op.
+
+use burn::module::Param;
+use burn::nn::{Dropout, DropoutConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::softmax;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// LayerNorm epsilon, shared with the ONNX export (PyTorch's default).
+pub const LAYER_NORM_EPSILON: f64 = 1e-5;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid ViT configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The architecture's hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ViTConfig {
+    pub image_size: usize,
+    pub channels: usize,
+    pub patch_size: usize,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_dim: usize,
+    pub dropout: f64,
+    pub num_classes: usize,
+}
+
+/// Named architectures; `num_classes` and `channels` come from the dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// For tests: 16 px, patch 4, dim 16, 2 layers, 2 heads.
+    Tiny,
+    /// 28 px grey images (Fashion-MNIST): patch 4 (49 patches), dim 64, 6 layers, 4 heads.
+    Fashion,
+    /// The tutorial notebook: 144 px, patch 4, dim 32, 6 layers, 2 heads, MLP 32.
+    Seed,
+    /// The tutorial video: 144 px, patch 8, dim 128, 4 layers, 4 heads, MLP 512.
+    Video,
+    /// DeiT-Tiny's shape: 224 px, patch 16, dim 192, 12 layers, 3 heads, MLP 768.
+    DeitTiny,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Fashion => "fashion",
+            Preset::Seed => "seed",
+            Preset::Video => "video",
+            Preset::DeitTiny => "deit-tiny",
+        }
+    }
+
+    pub fn config(self, channels: usize, num_classes: usize) -> ViTConfig {
+        let (image_size, patch_size, dim, depth, heads, mlp_dim, dropout) = match self {
+            Preset::Tiny => (16, 4, 16, 2, 2, 32, 0.0),
+            Preset::Fashion => (28, 4, 64, 6, 4, 128, 0.1),
+            Preset::Seed => (144, 4, 32, 6, 2, 32, 0.1),
+            Preset::Video => (144, 8, 128, 4, 4, 512, 0.1),
+            Preset::DeitTiny => (224, 16, 192, 12, 3, 768, 0.1),
+        };
+        ViTConfig {
+            image_size,
+            channels,
+            patch_size,
+            dim,
+            depth,
+            heads,
+            mlp_dim,
+            dropout,
+            num_classes,
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl ViTConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        let positive = [
+            ("image size", self.image_size),
+            ("channels", self.channels),
+            ("patch size", self.patch_size),
+            ("dim", self.dim),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("MLP hidden size", self.mlp_dim),
+            ("number of classes", self.num_classes),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return fail(format!("{name} must be positive"));
+        }
+        if !self.image_size.is_multiple_of(self.patch_size) {
+            return fail(format!(
+                "image size {} is not divisible by patch size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        if !self.dim.is_multiple_of(self.heads) {
+            return fail(format!(
+                "dim {} is not divisible by {} heads",
+                self.dim, self.heads
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return fail(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        if self.num_classes < 2 {
+            return fail(format!(
+                "{} class: a classifier needs at least 2",
+                self.num_classes
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Patches plus the CLS token.
+    pub fn tokens(&self) -> usize {
+        self.patches_per_side().pow(2) + 1
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+
+    pub fn init(&self, device: &Device) -> Result<VisionTransformer, ConfigError> {
+        self.validate()?;
+        let patch_input = self.patch_size * self.patch_size * self.channels;
+        // ViT/timm initialise both learnable embeddings with a small normal (std 0.02); the
+        // tutorial's `randn` makes the position signal dwarf the patch embedding early on.
+        let embedding = |shape: [usize; 3]| {
+            Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.02),
+                device,
+            ))
+        };
+        Ok(VisionTransformer {
+            patch_embedding: LinearConfig::new(patch_input, self.dim).init(device),
+            cls_token: embedding([1, 1, self.dim]),
+            position_embedding: embedding([1, self.tokens(), self.dim]),
+            blocks: (0..self.depth)
+                .map(|_| EncoderBlock::new(self, device))
+                .collect(),
+            norm: layer_norm(self.dim, device),
+            head: LinearConfig::new(self.dim, self.num_classes).init(device),
+            patch_size: self.patch_size,
+        })
+    }
+}
+
+fn layer_norm(dim: usize, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(dim)
+        .with_epsilon(LAYER_NORM_EPSILON)
+        .init(device)
+}
+
+#[derive(Module, Debug)]
+pub struct VisionTransformer {
+    pub patch_embedding: Linear,
+    pub cls_token: Param<Tensor<3>>,
+    pub position_embedding: Param<Tensor<3>>,
+    pub blocks: Vec<EncoderBlock>,
+    pub norm: LayerNorm,
+    pub head: Linear,
+    pub patch_size: usize,
+}
+
+impl VisionTransformer {
+    /// `[batch, channels, height, width]` normalised pixels → `[batch, classes]` logits.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let tokens = self.embed(images);
+        let [batch, _, dim] = tokens.dims();
+        let tokens = self.blocks.iter().fold(tokens, |x, block| block.forward(x));
+        let cls = tokens.narrow(1, 0, 1).reshape([batch, dim]);
+        self.head.forward(self.norm.forward(cls))
+    }
+
+    /// Patchify, project, prepend CLS, add position: `[batch, tokens, dim]`.
+    fn embed(&self, images: Tensor<4>) -> Tensor<3> {
+        let [batch, channels, height, width] = images.dims();
+        let p = self.patch_size;
+        let (rows, cols) = (height / p, width / p);
+        // b c (h p1) (w p2) -> b (h w) (p1 p2 c)
+        let patches = images
+            .reshape([batch, channels, rows, p, cols, p])
+            .permute([0, 2, 4, 3, 5, 1])
+            .reshape([batch, rows * cols, p * p * channels]);
+        let patches = self.patch_embedding.forward(patches);
+        let dim = patches.dims()[2];
+        let cls = self.cls_token.val().expand([batch, 1, dim]);
+        Tensor::cat(vec![cls, patches], 1) + self.position_embedding.val()
+    }
+}
+
+/// Pre-norm transformer encoder block.
+#[derive(Module, Debug)]
+pub struct EncoderBlock {
+    pub attention_norm: LayerNorm,
+    pub attention: SelfAttention,
+    pub mlp_norm: LayerNorm,
+    pub mlp: FeedForward,
+    pub dropout: Dropout,
+}
+
+impl EncoderBlock {
+    fn new(config: &ViTConfig, device: &Device) -> Self {
+        EncoderBlock {
+            attention_norm: layer_norm(config.dim, device),
+            attention: SelfAttention::new(config, device),
+            mlp_norm: layer_norm(config.dim, device),
+            mlp: FeedForward::new(config, device),
+            dropout: DropoutConfig::new(config.dropout).init(),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let attended = self
+            .attention
+            .forward(self.attention_norm.forward(x.clone()));
+        let x = x + self.dropout.forward(attended);
+        let transformed = self.mlp.forward(self.mlp_norm.forward(x.clone()));
+        x + transformed
+    }
+}
+
+/// Multi-head self-attention with one fused QKV projection (as `nn.MultiheadAttention`'s
+/// `in_proj`), so the exported graph needs one MatMul for all three.
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    pub qkv: Linear,
+    pub output: Linear,
+    pub dropout: Dropout,
+    pub heads: usize,
+}
+
+impl SelfAttention {
+    fn new(config: &ViTConfig, device: &Device) -> Self {
+        SelfAttention {
+            qkv: LinearConfig::new(config.dim, 3 * config.dim).init(device),
+            output: LinearConfig::new(config.dim, config.dim).init(device),
+            dropout: DropoutConfig::new(config.dropout).init(),
+            heads: config.heads,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [batch, tokens, dim] = x.dims();
+        let head_dim = dim / self.heads;
+        let split_heads = |t: Tensor<3>| {
+            t.reshape([batch, tokens, self.heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter().map(split_heads);
+        let (q, k, v) = (
+            qkv.next().unwrap(),
+            qkv.next().unwrap(),
+            qkv.next().unwrap(),
+        );
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (head_dim as f64).sqrt());
+        let weights = self.dropout.forward(softmax(scores, 3));
+        let context = weights
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, tokens, dim]);
+        self.output.forward(context)
+    }
+}
+
+/// Linear → GELU → dropout → Linear → dropout.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub hidden: Linear,
+    pub output: Linear,
+    pub activation: Gelu,
+    pub dropout: Dropout,
+}
+
+impl FeedForward {
+    fn new(config: &ViTConfig, device: &Device) -> Self {
+        FeedForward {
+            hidden: LinearConfig::new(config.dim, config.mlp_dim).init(device),
+            output: LinearConfig::new(config.mlp_dim, config.dim).init(device),
+            activation: Gelu::new(),
+            dropout: DropoutConfig::new(config.dropout).init(),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = self
+            .dropout
+            .forward(self.activation.forward(self.hidden.forward(x)));
+        self.dropout.forward(self.output.forward(x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_produces_batch_by_classes_logits() {
+        let device = crate::backend::device();
+        for preset in [
+            Preset::Tiny,
+            Preset::Fashion,
+            Preset::Seed,
+            Preset::Video,
+            Preset::DeitTiny,
+        ] {
+            let config = preset.config(3, 7);
+            let model = config.init(&device).unwrap();
+            let size = config.image_size;
+            let images = Tensor::<4>::zeros([2, 3, size, size], &device);
+            assert_eq!(model.forward(images).dims(), [2, 7], "preset {preset}");
+        }
+    }
+
+    #[test]
+    fn grey_models_take_one_channel() {
+        let device = crate::backend::device();
+        let config = Preset::Tiny.config(1, 3);
+        let model = config.init(&device).unwrap();
+        let images = Tensor::<4>::ones([1, 1, 16, 16], &device);
+        let logits = model
+            .forward(images)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(logits.len(), 3);
+        assert!(logits.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn bad_configs_are_rejected_with_the_reason() {
+        let good = Preset::Seed.config(3, 37);
+        assert!(good.validate().is_ok());
+        let odd_patch = ViTConfig {
+            patch_size: 5,
+            ..good.clone()
+        };
+        assert!(
+            odd_patch
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("not divisible by patch size 5")
+        );
+        let odd_heads = ViTConfig {
+            heads: 3,
+            ..good.clone()
+        };
+        assert!(
+            odd_heads
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("not divisible by 3 heads")
+        );
+        let one_class = ViTConfig {
+            num_classes: 1,
+            ..good
+        };
+        assert!(one_class.init(&crate::backend::device()).is_err());
+    }
+
+    #[test]
+    fn parameter_count_matches_the_architecture() {
+        let config = Preset::Seed.config(3, 37);
+        let model = config.init(&crate::backend::device()).unwrap();
+        let (d, m, p, n) = (32, 32, 4 * 4 * 3, 1297);
+        let block = 2 * (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d);
+        let expected = (p * d + d) + d + n * d + 6 * block + 2 * d + (d * 37 + 37);
+        assert_eq!(model.num_params(), expected);
+    }
+}

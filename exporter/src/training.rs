@@ -1,0 +1,750 @@
+//! Training: the tutorial's recipe (AdamW, cosine schedule, global gradient-norm clipping,
+//! cross-entropy), per-epoch validation and metrics, atomic checkpoints and exact resume.
+//!
+//! A run folder holds:
+//! - `config.json`: the [`TrainingConfig`] (model, preprocessing, classes, recipe);
+//! - `metrics.jsonl`: one [`EpochMetrics`] line per finished epoch;
+//! - `checkpoint.json` + `model-<epoch>.bpk` + `optimizer-<epoch>.bpk`: the latest epoch;
+//! - `best.json` + `best.bpk`: the weights with the best validation accuracy so far.
+//!
+//! Every file is written atomically and `checkpoint.json` last, so an interrupted run resumes
+//! from the last complete epoch.
+
+use crate::data::{
+    Augmentation, Batcher, DataError, ImageSet, PreparedSet, Source, Splits, epoch_order,
+};
+use crate::model::{ConfigError, Preset, ViTConfig, VisionTransformer};
+use burn::module::{ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use burn::tensor::Bytes;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use runtime::PreprocessConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {reason}")]
+    Run { path: String, reason: String },
+}
+
+impl TrainError {
+    fn run(path: &Path, reason: impl ToString) -> Self {
+        TrainError::Run {
+            path: path.display().to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Everything that defines a run; saved as `config.json` and read back on resume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    pub data: PathBuf,
+    pub preset: Option<Preset>,
+    pub model: ViTConfig,
+    pub preprocess: PreprocessConfig,
+    pub classes: Vec<String>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    /// Global L2 norm all gradients are scaled to at most (`torch.nn.utils.clip_grad_norm_`).
+    pub grad_clip: Option<f64>,
+    pub label_smoothing: Option<f32>,
+    pub seed: u64,
+    pub val_fraction: f64,
+    pub augmentation: Option<Augmentation>,
+    pub backend: String,
+}
+
+/// The recipe, separate from the model and data it is applied to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recipe {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub min_learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    pub grad_clip: Option<f64>,
+    pub label_smoothing: Option<f32>,
+    pub seed: u64,
+    pub val_fraction: f64,
+}
+
+impl Default for Recipe {
+    /// The tutorial's: AdamW lr 1e-3, cosine schedule, clip 1.0, batch 32, 80/20 split.
+    fn default() -> Self {
+        Recipe {
+            epochs: 10,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            min_learning_rate: 1e-5,
+            weight_decay: 0.05,
+            warmup_epochs: 0.0,
+            grad_clip: Some(1.0),
+            label_smoothing: None,
+            seed: 42,
+            val_fraction: 0.2,
+        }
+    }
+}
+
+/// How a new run picks its model and preprocessing.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub data: PathBuf,
+    pub preset: Preset,
+    pub overrides: ModelOverrides,
+    pub recipe: Recipe,
+    /// Random-resized crop + flip; `None` decides from the data: on for colour images, off for
+    /// grey (digit-like) ones, where flips and crops change the meaning.
+    pub augment: Option<bool>,
+    pub channels: Option<usize>,
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    pub resize: runtime::ResizeMode,
+    pub backend: String,
+    /// Stop after this many epochs of this call, keeping the full schedule: a long run split
+    /// over several sessions, continued with [`resume`].
+    pub stop_after: Option<usize>,
+}
+
+/// Command-line overrides of a preset's architecture.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOverrides {
+    pub image_size: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub dim: Option<usize>,
+    pub depth: Option<usize>,
+    pub heads: Option<usize>,
+    pub mlp_dim: Option<usize>,
+    pub dropout: Option<f64>,
+}
+
+impl ModelOverrides {
+    fn apply(&self, config: &mut ViTConfig) {
+        let set = |field: &mut usize, value: Option<usize>| {
+            if let Some(v) = value {
+                *field = v;
+            }
+        };
+        set(&mut config.image_size, self.image_size);
+        set(&mut config.patch_size, self.patch_size);
+        set(&mut config.dim, self.dim);
+        set(&mut config.depth, self.depth);
+        set(&mut config.heads, self.heads);
+        set(&mut config.mlp_dim, self.mlp_dim);
+        if let Some(d) = self.dropout {
+            config.dropout = d;
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub step: usize,
+    pub learning_rate: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub images_per_second: f64,
+    pub epoch_seconds: f64,
+}
+
+/// `checkpoint.json`: which epoch the `model-<epoch>.bpk`/`optimizer-<epoch>.bpk` pair holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub epoch: usize,
+    pub step: usize,
+    pub best_val_accuracy: f64,
+}
+
+/// `best.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BestCheckpoint {
+    pub epoch: usize,
+    pub val_accuracy: f64,
+    pub val_loss: f64,
+}
+
+/// What a finished (or resumed-and-finished) run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub epochs: Vec<EpochMetrics>,
+    pub best: Option<BestCheckpoint>,
+    pub steps: usize,
+    pub train_images: usize,
+    pub val_images: usize,
+    pub skipped_images: usize,
+}
+
+/// Observer of training progress (a progress bar in the CLI, nothing in tests).
+pub trait Progress {
+    fn epoch_started(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
+    fn step(&mut self, _loss: f64, _accuracy: f64, _images_per_second: f64) {}
+    fn epoch_finished(&mut self, _metrics: &EpochMetrics) {}
+    fn message(&mut self, _text: &str) {}
+}
+
+impl Progress for () {}
+
+const CONFIG_FILE: &str = "config.json";
+const METRICS_FILE: &str = "metrics.jsonl";
+const CHECKPOINT_FILE: &str = "checkpoint.json";
+const BEST_FILE: &str = "best.json";
+const BEST_WEIGHTS: &str = "best.bpk";
+
+/// Start a new run in `run_dir` (which must not hold one already).
+pub fn train(
+    new: NewRun,
+    run_dir: &Path,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary, TrainError> {
+    if run_dir.join(CONFIG_FILE).exists() {
+        return Err(TrainError::run(
+            run_dir,
+            "already holds a run; use --resume to continue it",
+        ));
+    }
+    let splits = Splits::from_folder(&new.data, new.recipe.val_fraction, new.recipe.seed)?;
+    progress.message(&format!(
+        "{} classes, {} training and {} validation images",
+        splits.classes.len(),
+        splits.train.len(),
+        splits.val.len()
+    ));
+    let (train_set, val_set) = load_sets(&splits, progress)?;
+    let channels = new
+        .channels
+        .unwrap_or(if train_set.all_grey() { 1 } else { 3 });
+    let mut model = new.preset.config(channels, splits.classes.len());
+    new.overrides.apply(&mut model);
+    model.validate()?;
+    let mut preprocess = PreprocessConfig::new(model.image_size as u32, channels as u32);
+    preprocess.resize = new.resize;
+    if let Some(mean) = new.mean {
+        preprocess.mean = broadcast(mean, channels);
+    }
+    if let Some(std) = new.std {
+        preprocess.std = broadcast(std, channels);
+    }
+    preprocess
+        .validate()
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let recipe = new.recipe;
+    let config = TrainingConfig {
+        data: new.data,
+        preset: Some(new.preset),
+        model,
+        preprocess,
+        classes: splits.classes,
+        epochs: recipe.epochs,
+        batch_size: recipe.batch_size,
+        learning_rate: recipe.learning_rate,
+        min_learning_rate: recipe.min_learning_rate,
+        weight_decay: recipe.weight_decay,
+        warmup_epochs: recipe.warmup_epochs,
+        grad_clip: recipe.grad_clip,
+        label_smoothing: recipe.label_smoothing,
+        seed: recipe.seed,
+        val_fraction: recipe.val_fraction,
+        augmentation: match new.augment {
+            Some(true) => Some(Augmentation::default()),
+            Some(false) => None,
+            None => (channels == 3).then(Augmentation::default),
+        },
+        backend: new.backend,
+    };
+    validate_recipe(&config)?;
+    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::run(run_dir, e))?;
+    write_json(&run_dir.join(CONFIG_FILE), &config)?;
+    run(
+        &config,
+        run_dir,
+        None,
+        (train_set, val_set),
+        new.stop_after,
+        progress,
+    )
+}
+
+/// Continue the run in `run_dir` from its last complete epoch, optionally to more epochs
+/// (which stretches the cosine schedule) or for at most `stop_after` epochs of this call.
+pub fn resume(
+    run_dir: &Path,
+    epochs: Option<usize>,
+    stop_after: Option<usize>,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary, TrainError> {
+    let mut config: TrainingConfig = read_json(&run_dir.join(CONFIG_FILE))?;
+    if let Some(epochs) = epochs {
+        config.epochs = epochs;
+        write_json(&run_dir.join(CONFIG_FILE), &config)?;
+    }
+    let checkpoint: Option<Checkpoint> = match run_dir.join(CHECKPOINT_FILE).exists() {
+        true => Some(read_json(&run_dir.join(CHECKPOINT_FILE))?),
+        false => None,
+    };
+    let splits = Splits::from_folder(&config.data, config.val_fraction, config.seed)?;
+    if splits.classes != config.classes {
+        return Err(DataError::ClassMismatch {
+            train: splits.classes,
+            val: config.classes,
+        }
+        .into());
+    }
+    let sets = load_sets(&splits, progress)?;
+    run(&config, run_dir, checkpoint, sets, stop_after, progress)
+}
+
+fn broadcast(values: Vec<f32>, channels: usize) -> Vec<f32> {
+    if values.len() == 1 {
+        vec![values[0]; channels]
+    } else {
+        values
+    }
+}
+
+fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {
+    let invalid = |m: &str| Err(TrainError::Invalid(m.to_string()));
+    if config.epochs == 0 {
+        return invalid("epochs must be positive");
+    }
+    if config.batch_size == 0 {
+        return invalid("batch size must be positive");
+    }
+    if !(config.learning_rate > 0.0 && config.learning_rate.is_finite()) {
+        return invalid("learning rate must be positive");
+    }
+    if config
+        .label_smoothing
+        .is_some_and(|s| !(0.0..1.0).contains(&s))
+    {
+        return invalid("label smoothing must be in [0, 1)");
+    }
+    if config.grad_clip.is_some_and(|c| c <= 0.0) {
+        return invalid("gradient clip norm must be positive");
+    }
+    Ok(())
+}
+
+fn load_sets(
+    splits: &Splits,
+    progress: &mut dyn Progress,
+) -> Result<(ImageSet, ImageSet), TrainError> {
+    let started = Instant::now();
+    let train = ImageSet::load(&splits.train, &|_| {});
+    let val = ImageSet::load(&splits.val, &|_| {});
+    let skipped = train.skipped.len() + val.skipped.len();
+    progress.message(&format!(
+        "decoded {} images in {:.1}s, skipped {skipped} unreadable",
+        train.len() + val.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    if train.is_empty() {
+        return Err(DataError::Empty("the training split".into()).into());
+    }
+    if val.is_empty() {
+        return Err(DataError::Empty("the validation split".into()).into());
+    }
+    Ok((train, val))
+}
+
+/// Learning rate at `step`: linear warm-up, then cosine decay to `min_learning_rate`.
+pub fn learning_rate(
+    config: &TrainingConfig,
+    step: usize,
+    total_steps: usize,
+    steps_per_epoch: usize,
+) -> f64 {
+    let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
+    if step < warmup {
+        return config.learning_rate * (step + 1) as f64 / warmup as f64;
+    }
+    let decay_steps = total_steps.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / decay_steps as f64).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
+}
+
+fn run(
+    config: &TrainingConfig,
+    run_dir: &Path,
+    checkpoint: Option<Checkpoint>,
+    (train_set, val_set): (ImageSet, ImageSet),
+    stop_after: Option<usize>,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary, TrainError> {
+    let skipped = train_set.skipped.len() + val_set.skipped.len();
+    let device = crate::backend::device_named(&config.backend).map_err(TrainError::Invalid)?;
+    let train_device = device.clone().autodiff();
+    device.seed(config.seed);
+    let mut model = config.model.init(&train_device)?;
+    let mut optimizer = AdamWConfig::new()
+        .with_weight_decay(config.weight_decay as f32)
+        .init();
+    let mut metrics: Vec<EpochMetrics> = Vec::new();
+    let (mut start_epoch, mut step, mut best_accuracy) = (0, 0, f64::NEG_INFINITY);
+    if let Some(checkpoint) = &checkpoint {
+        model = load_weights(
+            model,
+            &run_dir.join(format!("model-{}.bpk", checkpoint.epoch)),
+        )?;
+        let optimizer_path = run_dir.join(format!("optimizer-{}.bpk", checkpoint.epoch));
+        let bytes =
+            std::fs::read(&optimizer_path).map_err(|e| TrainError::run(&optimizer_path, e))?;
+        optimizer = optimizer
+            .from_bytes(Bytes::from_bytes_vec(bytes))
+            .map_err(|e| TrainError::run(&optimizer_path, e))?;
+        metrics = read_metrics(&run_dir.join(METRICS_FILE))?;
+        metrics.truncate(checkpoint.epoch);
+        (start_epoch, step, best_accuracy) = (
+            checkpoint.epoch,
+            checkpoint.step,
+            checkpoint.best_val_accuracy,
+        );
+        progress.message(&format!(
+            "resuming after epoch {} (step {step})",
+            checkpoint.epoch
+        ));
+    }
+
+    let prepared_train = match config.augmentation {
+        None => Some(PreparedSet::new(&train_set, &config.preprocess)?),
+        Some(_) => None,
+    };
+    let train_source = match (&prepared_train, config.augmentation) {
+        (Some(prepared), _) => Source::Prepared(prepared),
+        (None, Some(augmentation)) => Source::Augmented {
+            set: &train_set,
+            augmentation,
+        },
+        (None, None) => unreachable!("a prepared set exists whenever augmentation is off"),
+    };
+    let val = PreparedSet::new(&val_set, &config.preprocess)?;
+    let mut batcher = Batcher::new(&config.preprocess)?;
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_smoothing(config.label_smoothing)
+        .init(&train_device);
+    let steps_per_epoch = train_source.len().div_ceil(config.batch_size);
+    let total_steps = steps_per_epoch * config.epochs;
+
+    let end_epoch = stop_after.map_or(config.epochs, |n| config.epochs.min(start_epoch + n));
+    for epoch in start_epoch..end_epoch {
+        // Seeding per epoch makes dropout and augmentation of a resumed epoch identical.
+        device.seed(config.seed.wrapping_add(epoch as u64 + 1));
+        let mut rng = StdRng::seed_from_u64(config.seed.wrapping_add(1000 + epoch as u64));
+        let order = epoch_order(train_source.len(), config.seed, epoch);
+        progress.epoch_started(epoch + 1, config.epochs, steps_per_epoch);
+        let started = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        let mut lr = config.learning_rate;
+        for indices in order.chunks(config.batch_size) {
+            let (images, labels) =
+                batcher.batch(&train_source, indices, &mut rng, &train_device)?;
+            lr = learning_rate(config, step, total_steps, steps_per_epoch);
+            let logits = model.forward(images);
+            let loss = loss_fn.forward(logits.clone(), labels.clone());
+            let batch_correct = count_correct(logits.detach(), labels);
+            let loss_value = loss.clone().into_scalar::<f32>() as f64;
+            if !loss_value.is_finite() {
+                return Err(TrainError::Invalid(format!(
+                    "loss became {loss_value} at step {step}; lower the learning rate"
+                )));
+            }
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            if let Some(max_norm) = config.grad_clip {
+                clip_global_norm(&model, &mut grads, max_norm);
+            }
+            model = optimizer.step(lr, model, grads);
+            step += 1;
+            loss_sum += loss_value * indices.len() as f64;
+            correct += batch_correct;
+            seen += indices.len();
+            let speed = seen as f64 / started.elapsed().as_secs_f64();
+            progress.step(
+                loss_value,
+                batch_correct as f64 / indices.len() as f64,
+                speed,
+            );
+        }
+        let epoch_seconds = started.elapsed().as_secs_f64();
+        let evaluation = evaluate(&model.valid(), &val, config.batch_size.max(64), &device)?;
+        let epoch_metrics = EpochMetrics {
+            epoch: epoch + 1,
+            step,
+            learning_rate: lr,
+            train_loss: loss_sum / seen as f64,
+            train_accuracy: correct as f64 / seen as f64,
+            val_loss: evaluation.loss,
+            val_accuracy: evaluation.accuracy,
+            images_per_second: seen as f64 / epoch_seconds,
+            epoch_seconds,
+        };
+        metrics.push(epoch_metrics.clone());
+        let improved = evaluation.accuracy > best_accuracy;
+        best_accuracy = best_accuracy.max(evaluation.accuracy);
+        save_epoch(
+            run_dir,
+            &model,
+            &optimizer,
+            &metrics,
+            improved,
+            &evaluation,
+            step,
+            best_accuracy,
+        )?;
+        progress.epoch_finished(&epoch_metrics);
+    }
+    if let Err(e) = crate::plots::accuracy_curves(&metrics, &run_dir.join("curves.png")) {
+        log::warn!("could not draw the accuracy curves: {e}");
+    }
+    let best = run_dir
+        .join(BEST_FILE)
+        .exists()
+        .then(|| read_json(&run_dir.join(BEST_FILE)))
+        .transpose()?;
+    Ok(TrainSummary {
+        run_dir: run_dir.to_path_buf(),
+        epochs: metrics,
+        best,
+        steps: step,
+        train_images: train_set.len(),
+        val_images: val_set.len(),
+        skipped_images: skipped,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_epoch(
+    run_dir: &Path,
+    model: &VisionTransformer,
+    optimizer: &ModuleOptimizer,
+    metrics: &[EpochMetrics],
+    improved: bool,
+    evaluation: &Evaluation,
+    step: usize,
+    best_val_accuracy: f64,
+) -> Result<(), TrainError> {
+    let epoch = metrics.len();
+    let weights = model_bytes(model)?;
+    let optimizer_bytes = optimizer
+        .into_bytes()
+        .map_err(|e| TrainError::run(run_dir, e))?;
+    write_bytes(&run_dir.join(format!("model-{epoch}.bpk")), &weights)?;
+    write_bytes(
+        &run_dir.join(format!("optimizer-{epoch}.bpk")),
+        &optimizer_bytes,
+    )?;
+    let mut lines = String::new();
+    for m in metrics {
+        lines.push_str(&serde_json::to_string(m).expect("metrics serialise"));
+        lines.push('\n');
+    }
+    write_bytes(&run_dir.join(METRICS_FILE), lines.as_bytes())?;
+    if improved {
+        write_bytes(&run_dir.join(BEST_WEIGHTS), &weights)?;
+        let best = BestCheckpoint {
+            epoch,
+            val_accuracy: evaluation.accuracy,
+            val_loss: evaluation.loss,
+        };
+        write_json(&run_dir.join(BEST_FILE), &best)?;
+    }
+    write_json(
+        &run_dir.join(CHECKPOINT_FILE),
+        &Checkpoint {
+            epoch,
+            step,
+            best_val_accuracy,
+        },
+    )?;
+    // The previous epoch's pair is superseded only once the new one is committed.
+    if epoch > 1 {
+        for name in [
+            format!("model-{}.bpk", epoch - 1),
+            format!("optimizer-{}.bpk", epoch - 1),
+        ] {
+            let _ = std::fs::remove_file(run_dir.join(name));
+        }
+    }
+    Ok(())
+}
+
+fn model_bytes(model: &VisionTransformer) -> Result<Vec<u8>, TrainError> {
+    let bytes = model
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(bytes.to_vec())
+}
+
+/// Load weights into `model`, refusing files that do not match it.
+pub fn load_weights(
+    model: VisionTransformer,
+    path: &Path,
+) -> Result<VisionTransformer, TrainError> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::run(path, e))?;
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
+        .map_err(|e| TrainError::run(path, format!("not a readable checkpoint ({e})")))?;
+    model
+        .try_load_record(record)
+        .map_err(|e| TrainError::run(path, format!("checkpoint does not match the model ({e})")))
+}
+
+/// Accuracy, loss and confusion matrix of a model on a prepared set.
+#[derive(Clone, Debug, Serialize)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub count: usize,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+pub fn evaluate(
+    model: &VisionTransformer,
+    set: &PreparedSet,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Evaluation, TrainError> {
+    let classes = model.head.weight.dims()[1];
+    let mut confusion = vec![vec![0; classes]; classes];
+    let mut batcher = Batcher::new(&set.config)?;
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut loss_sum = 0.0;
+    let indices: Vec<usize> = (0..set.len()).collect();
+    for chunk in indices.chunks(batch_size) {
+        let (images, labels) = batcher.batch(&Source::Prepared(set), chunk, &mut rng, device)?;
+        let logits = model.forward(images);
+        loss_sum += loss_fn.forward(logits.clone(), labels).into_scalar::<f32>() as f64
+            * chunk.len() as f64;
+        let predicted = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .expect("argmax is int");
+        for (&index, &p) in chunk.iter().zip(&predicted) {
+            confusion[set.labels[index]][p as usize] += 1;
+        }
+    }
+    let correct: usize = (0..classes).map(|c| confusion[c][c]).sum();
+    let count = set.len();
+    Ok(Evaluation {
+        loss: loss_sum / count as f64,
+        accuracy: correct as f64 / count as f64,
+        count,
+        confusion,
+    })
+}
+
+fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> usize {
+    let [batch, _] = logits.dims();
+    let predicted = logits.argmax(1).reshape([batch]);
+    predicted.equal(labels).int().sum().into_scalar::<i64>() as usize
+}
+
+/// Scale all gradients so their global L2 norm is at most `max_norm`, as PyTorch's
+/// `clip_grad_norm_` does (burn's own clipping is per parameter).
+fn clip_global_norm(model: &VisionTransformer, grads: &mut GradientsParams, max_norm: f64) {
+    struct SquaredNorm<'a> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SquaredNorm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.get::<D>(param.id) {
+                let squared = grad.square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(total) => total + squared,
+                    None => squared,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: Tensor<1>,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.remove::<D>(param.id) {
+                let factor = self.factor.clone().reshape([1; D]);
+                self.grads.register(param.id, grad * factor);
+            }
+        }
+    }
+    let mut norm = SquaredNorm { grads, total: None };
+    model.visit(&mut norm);
+    let Some(total) = norm.total else { return };
+    // min(1, max_norm / (norm + 1e-6)) stays on the device: no sync per step.
+    let factor = total
+        .sqrt()
+        .add_scalar(1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .clamp_max(1.0);
+    model.visit(&mut Scale { grads, factor });
+}
+
+/// The configuration and best weights of a finished (or interrupted) run, ready for eval or
+/// export. Falls back to the latest checkpoint when no epoch has been validated.
+pub fn load_run(
+    run_dir: &Path,
+    device: &Device,
+) -> Result<(TrainingConfig, VisionTransformer), TrainError> {
+    let config: TrainingConfig = read_json(&run_dir.join(CONFIG_FILE))?;
+    let weights = if run_dir.join(BEST_WEIGHTS).exists() {
+        run_dir.join(BEST_WEIGHTS)
+    } else {
+        let checkpoint: Checkpoint = read_json(&run_dir.join(CHECKPOINT_FILE))?;
+        run_dir.join(format!("model-{}.bpk", checkpoint.epoch))
+    };
+    let model = load_weights(config.model.init(device)?, &weights)?;
+    Ok((config, model))
+}
+
+pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::run(path, e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| TrainError::run(path, e)))
+        .collect()
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).expect("run files serialise");
+    write_bytes(path, text.as_bytes())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::run(path, e))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::run(path, format!("unreadable ({e})")))
+}
+
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    runtime::write_atomic(path, bytes).map_err(|e| TrainError::run(path, e))
+}

@@ -1,0 +1,196 @@
+//! Training end to end on a tiny synthetic dataset: learning, resume, bad images, and pixel
+//! identity with the runtime's preprocessing.
+
+use exporter::Preset;
+use exporter::data::{Batcher, ImageFolder, ImageSet, PreparedSet, Source};
+use exporter::training::{self, ModelOverrides, NewRun, Recipe, TrainSummary};
+use rand::SeedableRng;
+use std::path::Path;
+
+fn new_run(data: &Path, epochs: usize) -> NewRun {
+    NewRun {
+        data: data.to_path_buf(),
+        preset: Preset::Tiny,
+        overrides: ModelOverrides::default(),
+        recipe: Recipe {
+            epochs,
+            batch_size: 4,
+            learning_rate: 5e-3,
+            min_learning_rate: 1e-4,
+            weight_decay: 0.01,
+            seed: 7,
+            ..Recipe::default()
+        },
+        augment: None,
+        channels: None,
+        mean: None,
+        std: None,
+        resize: runtime::ResizeMode::Squash,
+        backend: "flex".into(),
+        stop_after: None,
+    }
+}
+
+fn dataset(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    // Non-square 20x24 frames so the resize to the tiny preset's 16 px is exercised.
+    exporter::synthetic::write_dataset(&data, 3, 30, 20, 24, 1).unwrap();
+    data
+}
+
+fn train(data: &Path, run: &Path, epochs: usize) -> TrainSummary {
+    training::train(new_run(data, epochs), run, &mut ()).unwrap()
+}
+
+#[test]
+fn tiny_model_learns_and_beats_chance() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let summary = train(&data, &dir.path().join("run"), 5);
+    assert_eq!((summary.train_images, summary.val_images), (72, 18));
+    assert_eq!(summary.steps, 5 * 18, "18 batches of 4 per epoch");
+    let first = &summary.epochs[0];
+    let last = summary.epochs.last().unwrap();
+    assert!(
+        last.train_loss < 0.5 * first.train_loss,
+        "loss did not drop clearly: {} → {}",
+        first.train_loss,
+        last.train_loss
+    );
+    let best = summary.best.expect("a best checkpoint");
+    assert!(
+        best.val_accuracy > 0.8,
+        "validation accuracy {} is near chance (0.33)",
+        best.val_accuracy
+    );
+    for file in [
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.json",
+        "best.json",
+        "best.bpk",
+        "model-5.bpk",
+        "curves.png",
+    ] {
+        assert!(
+            dir.path().join("run").join(file).is_file(),
+            "{file} missing"
+        );
+    }
+    assert!(
+        !dir.path().join("run/model-4.bpk").exists(),
+        "superseded checkpoint kept"
+    );
+}
+
+#[test]
+fn resume_continues_the_step_count_and_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let straight = train(&data, &dir.path().join("straight"), 3);
+
+    // The same 3-epoch schedule, interrupted after epoch 1 and resumed in a new call.
+    let run = dir.path().join("resumed");
+    let first = training::train(
+        NewRun {
+            stop_after: Some(1),
+            ..new_run(&data, 3)
+        },
+        &run,
+        &mut (),
+    )
+    .unwrap();
+    assert_eq!((first.steps, first.epochs.len()), (18, 1));
+    let resumed = training::resume(&run, None, None, &mut ()).unwrap();
+    assert_eq!(resumed.steps, straight.steps);
+    assert_eq!(resumed.epochs.len(), 3);
+    assert_eq!(
+        resumed.epochs[0], first.epochs[0],
+        "epoch 1 metrics kept from the first process"
+    );
+    for (a, b) in resumed.epochs.iter().zip(&straight.epochs) {
+        assert!(
+            (a.train_loss - b.train_loss).abs() < 1e-5 && (a.val_loss - b.val_loss).abs() < 1e-5,
+            "resumed epoch {} differs: {} vs {}",
+            a.epoch,
+            a.train_loss,
+            b.train_loss
+        );
+    }
+    // A run folder is never silently overwritten.
+    let again = training::train(new_run(&data, 1), &run, &mut ());
+    assert!(again.unwrap_err().to_string().contains("--resume"));
+}
+
+#[test]
+fn corrupt_images_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    std::fs::write(
+        data.join("class_0/zz_corrupt.png"),
+        b"\x89PNG\r\n\x1a\nnot really",
+    )
+    .unwrap();
+    let truncated = std::fs::read(data.join("class_1/000.png")).unwrap();
+    std::fs::write(
+        data.join("class_1/zz_truncated.png"),
+        &truncated[..truncated.len() / 2],
+    )
+    .unwrap();
+    let summary = train(&data, &dir.path().join("run"), 1);
+    assert_eq!(summary.skipped_images, 2);
+    assert_eq!(summary.train_images + summary.val_images, 90);
+}
+
+#[test]
+fn loader_pixels_equal_the_runtime_preprocessing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let folder = ImageFolder::scan(&data).unwrap();
+    let items = &folder.items[..5];
+    let set = ImageSet::load(items, &|_| {});
+    let config = runtime::PreprocessConfig::new(16, 1);
+    let prepared = PreparedSet::new(&set, &config).unwrap();
+    let mut batcher = Batcher::new(&config).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let device = exporter::backend::device();
+    let (batch, _) = batcher
+        .batch(
+            &Source::Prepared(&prepared),
+            &[0, 1, 2, 3, 4],
+            &mut rng,
+            &device,
+        )
+        .unwrap();
+    let batch = batch.into_data().try_to_vec::<f32>().unwrap();
+
+    // The serving side: decode the file and run the runtime's pipeline, nothing shared but code.
+    let mut pipeline = runtime::PatchPipeline::new(config.clone()).unwrap();
+    let mut served = vec![0.0; config.tensor_len()];
+    for (i, item) in items.iter().enumerate() {
+        let image = runtime::decode_file(&item.path).unwrap();
+        pipeline.run(&image.frame(), &mut served).unwrap();
+        assert_eq!(
+            &batch[i * served.len()..(i + 1) * served.len()],
+            &served[..],
+            "{}",
+            item.path.display()
+        );
+    }
+}
+
+#[test]
+fn a_dataset_with_one_class_or_none_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err =
+        training::train(new_run(dir.path(), 1), &dir.path().join("run"), &mut ()).unwrap_err();
+    assert!(err.to_string().contains("no class sub-folders"), "{err}");
+    exporter::synthetic::write_dataset(&dir.path().join("one"), 1, 4, 8, 8, 0).unwrap();
+    let err = training::train(
+        new_run(&dir.path().join("one"), 1),
+        &dir.path().join("run"),
+        &mut (),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("single class"), "{err}");
+}

@@ -1,0 +1,198 @@
+//! The frame → top-k loop: preprocessing into a reused input tensor, one reused tract state,
+//! softmax and top-k into fixed buffers. Nothing here allocates per frame.
+
+use crate::model::Model;
+use crate::preprocess::{FrameRef, PatchPipeline, PreprocessError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::{TValue, Tensor, TypedSimpleState, tvec};
+
+/// Most results a [`TopK`] holds.
+pub const MAX_TOP_K: usize = 16;
+
+/// One class and its probability.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    pub class: usize,
+    pub probability: f32,
+}
+
+/// The best predictions of one frame, best first; fixed capacity, no heap.
+pub type TopK = heapless::Vec<Prediction, MAX_TOP_K>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("top-k must be in 1..={MAX_TOP_K}, got {0}")]
+    TopK(usize),
+}
+
+/// Time spent on the last frame.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FrameTimings {
+    pub preprocess: Duration,
+    pub inference: Duration,
+    pub postprocess: Duration,
+}
+
+pub struct Classifier {
+    model: Model,
+    state: TypedSimpleState,
+    pipeline: PatchPipeline,
+    /// Shared with tract during a run and exclusively ours between runs.
+    input: Arc<Tensor>,
+    probabilities: Vec<f32>,
+    top: TopK,
+    k: usize,
+    timings: FrameTimings,
+}
+
+impl Classifier {
+    pub fn new(model: Model, k: usize) -> Result<Classifier, ClassifyError> {
+        if k == 0 || k > MAX_TOP_K {
+            return Err(ClassifyError::TopK(k));
+        }
+        let p = &model.preprocess;
+        let shape = [
+            1,
+            p.channels as usize,
+            p.image_size as usize,
+            p.image_size as usize,
+        ];
+        let input = Arc::new(
+            Tensor::zero::<f32>(&shape).map_err(|e| ClassifyError::Inference(e.to_string()))?,
+        );
+        let state = TypedSimpleState::new(&model.plan)
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        Ok(Classifier {
+            pipeline: PatchPipeline::new(p.clone())?,
+            probabilities: vec![0.0; model.classes()],
+            top: TopK::new(),
+            k: k.min(model.classes()),
+            timings: FrameTimings::default(),
+            state,
+            input,
+            model,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn label(&self, class: usize) -> &str {
+        &self.model.labels[class]
+    }
+
+    /// Softmax probabilities of the last frame, in class order.
+    pub fn probabilities(&self) -> &[f32] {
+        &self.probabilities
+    }
+
+    pub fn timings(&self) -> FrameTimings {
+        self.timings
+    }
+
+    /// Classify one frame of any size; the result lives until the next call.
+    pub fn classify_frame(&mut self, frame: &FrameRef) -> Result<&TopK, ClassifyError> {
+        let started = Instant::now();
+        self.preprocess(frame)?;
+        let preprocessed = Instant::now();
+        self.infer()?;
+        let inferred = Instant::now();
+        self.timings = FrameTimings {
+            preprocess: preprocessed - started,
+            inference: inferred - preprocessed,
+            postprocess: inferred.elapsed(),
+        };
+        Ok(&self.top)
+    }
+
+    /// Write the frame into the input tensor.
+    pub fn preprocess(&mut self, frame: &FrameRef) -> Result<(), ClassifyError> {
+        let input =
+            Arc::get_mut(&mut self.input).expect("tract released the input after the last run");
+        let mut plain = input
+            .try_as_plain_ram_mut()
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        let pixels = plain
+            .as_slice_mut::<f32>()
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        self.pipeline.run(frame, pixels)?;
+        Ok(())
+    }
+
+    /// Run the model on the current input tensor, then softmax and top-k.
+    pub fn infer(&mut self) -> Result<&TopK, ClassifyError> {
+        let outputs = self
+            .state
+            .run(tvec!(TValue::from_const(self.input.clone())))
+            .map_err(|e| ClassifyError::Inference(format!("{e:#}")))?;
+        let logits = outputs[0]
+            .try_as_plain_ram()
+            .and_then(|plain| plain.as_slice::<f32>())
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        softmax_into(logits, &mut self.probabilities);
+        drop(outputs);
+        top_k_into(&self.probabilities, self.k, &mut self.top);
+        Ok(&self.top)
+    }
+}
+
+/// Numerically stable softmax of `logits` into `out` (same length).
+pub fn softmax_into(logits: &[f32], out: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for (o, &l) in out.iter_mut().zip(logits) {
+        *o = (l - max).exp();
+        sum += *o;
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
+}
+
+/// The `k` largest probabilities, best first (ties: lower class first).
+pub fn top_k_into(probabilities: &[f32], k: usize, top: &mut TopK) {
+    top.clear();
+    for (class, &probability) in probabilities.iter().enumerate() {
+        let candidate = Prediction { class, probability };
+        let position = top
+            .iter()
+            .position(|p| probability > p.probability)
+            .unwrap_or(top.len());
+        if position >= k {
+            continue;
+        }
+        if top.len() == k {
+            top.pop();
+        }
+        top.insert(position, candidate)
+            .expect("room was made above");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_survives_large_logits() {
+        let mut out = [0.0; 3];
+        softmax_into(&[1000.0, 1000.0, -1000.0], &mut out);
+        assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((out[0] - 0.5).abs() < 1e-6 && out[2] == 0.0);
+    }
+
+    #[test]
+    fn top_k_is_sorted_and_bounded() {
+        let mut top = TopK::new();
+        top_k_into(&[0.1, 0.4, 0.05, 0.3, 0.15], 3, &mut top);
+        let classes: Vec<usize> = top.iter().map(|p| p.class).collect();
+        assert_eq!(classes, vec![1, 3, 4]);
+        top_k_into(&[0.5, 0.5], 1, &mut top);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].class, 0);
+    }
+}

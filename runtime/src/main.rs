@@ -1,0 +1,425 @@
+//! `runtime`: classify frames on the device with a ViT in ONNX.
+//! A thin layer over the `runtime` library: parse flags, call, print.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use runtime::{Classifier, DecodedImage, Model, ModelOptions, PixelFormat, ResizeMode};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "runtime",
+    version,
+    about = "Classify frames with a Vision Transformer (ONNX, on tract)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify image files; several images in one call reuse the loaded model.
+    ///
+    /// A bad image is reported on its own line and the others are still classified; the exit
+    /// status is non-zero if any failed.
+    Classify {
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Predictions per image.
+        #[arg(long, default_value_t = 3)]
+        top_k: usize,
+        /// One JSON object per image on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The model's inputs, outputs, metadata, and the CPU features tract uses.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Latency per frame (preprocess, inference, total): min, median, p99.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Frame to use (default: a synthetic 640x480 RGB frame).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// ONNX model (default: the model embedded in this binary).
+    #[arg(long, global = true)]
+    model: Option<PathBuf>,
+    /// Input side in pixels, for models whose metadata does not say.
+    #[arg(long)]
+    size: Option<u32>,
+    /// Input channels (1 or 3), for models whose metadata does not say.
+    #[arg(long)]
+    channels: Option<u32>,
+    /// Per-channel mean of [0,1] pixels, e.g. 0.485,0.456,0.406.
+    #[arg(long, value_delimiter = ',')]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std of [0,1] pixels, e.g. 0.229,0.224,0.225.
+    #[arg(long, value_delimiter = ',')]
+    std: Option<Vec<f32>>,
+    /// squash or center-crop.
+    #[arg(long)]
+    resize: Option<ResizeMode>,
+    /// Class names, one per line, in output order.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<(Model, String, Duration)> {
+        let options = ModelOptions {
+            image_size: self.size,
+            channels: self.channels,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            resize: self.resize,
+            labels: self
+                .labels
+                .as_deref()
+                .map(ModelOptions::labels_from_file)
+                .transpose()?,
+        };
+        let started = Instant::now();
+        let (model, source) = match &self.model {
+            Some(path) => (
+                Model::load(path, &options)
+                    .with_context(|| format!("loading {}", path.display()))?,
+                path.display().to_string(),
+            ),
+            None => match runtime::embedded::DEFAULT_MODEL {
+                Some(bytes) => (
+                    Model::from_bytes(bytes, &options)?,
+                    "embedded default model".to_string(),
+                ),
+                None => bail!(
+                    "this build has no embedded model (feature embedded-model): pass --model PATH"
+                ),
+            },
+        };
+        Ok((model, source, started.elapsed()))
+    }
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run(Cli::parse()) {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `Ok(false)`: the command ran but some input failed.
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Classify {
+            images,
+            model,
+            top_k,
+            json,
+        } => classify(&images, &model, top_k, json),
+        Command::Info { model, json } => info(&model, json).map(|_| true),
+        Command::Bench {
+            model,
+            image,
+            runs,
+            warmup,
+            json,
+        } => bench(&model, image.as_deref(), runs, warmup, json).map(|_| true),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn classify(images: &[PathBuf], args: &ModelArgs, top_k: usize, json: bool) -> Result<bool> {
+    let (model, _, _) = args.load()?;
+    let mut classifier = Classifier::new(model, top_k)?;
+    let mut all_ok = true;
+    for path in images {
+        let started = Instant::now();
+        let result = runtime::decode_file(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|image| Ok(classifier.classify_frame(&image.frame())?.clone()));
+        let total = started.elapsed();
+        let top = match result {
+            Ok(top) => top,
+            Err(error) => {
+                all_ok = false;
+                if json {
+                    println!("{}", json!({"image": path, "error": format!("{error:#}")}));
+                } else {
+                    eprintln!("error: {}: {error:#}", path.display());
+                }
+                continue;
+            }
+        };
+        let timings = classifier.timings();
+        if json {
+            let predictions: Vec<_> = top
+                .iter()
+                .map(|p| json!({"label": classifier.label(p.class), "class": p.class, "probability": p.probability}))
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "image": path,
+                    "top": predictions,
+                    "latency_ms": {"total": ms(total), "preprocess": ms(timings.preprocess), "inference": ms(timings.inference)},
+                })
+            );
+        } else {
+            let best = top[0];
+            let others: Vec<String> = top[1..]
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {:.1}%",
+                        classifier.label(p.class),
+                        p.probability * 100.0
+                    )
+                })
+                .collect();
+            println!(
+                "{}: {} {:.1}%{}  [{:.2} ms: preprocess {:.2}, inference {:.2}]",
+                path.display(),
+                classifier.label(best.class),
+                best.probability * 100.0,
+                if others.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", others.join(", "))
+                },
+                ms(total),
+                ms(timings.preprocess),
+                ms(timings.inference)
+            );
+        }
+    }
+    Ok(all_ok)
+}
+
+fn info(args: &ModelArgs, json: bool) -> Result<()> {
+    let (model, source, load) = args.load()?;
+    let p = &model.preprocess;
+    let features = cpu_features();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "source": source,
+                "load_ms": ms(load),
+                "input": {"name": model.input_name, "shape": [1, p.channels, p.image_size, p.image_size], "type": "f32"},
+                "output": {"name": model.output_name, "shape": [1, model.classes()]},
+                "preprocess": p,
+                "labels": model.labels,
+                "metadata": model.metadata,
+                "cpu": {"arch": std::env::consts::ARCH, "features": features},
+                "tract": tract_version(),
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "model    {source} (loaded and optimised in {:.1} ms)",
+        ms(load)
+    );
+    println!(
+        "input    {} [1, {}, {}, {}] f32",
+        model.input_name, p.channels, p.image_size, p.image_size
+    );
+    println!("output   {} [1, {}]", model.output_name, model.classes());
+    println!(
+        "preprocess  resize {} · mean {:?} · std {:?}",
+        p.resize, p.mean, p.std
+    );
+    let shown: Vec<&str> = model.labels.iter().take(12).map(String::as_str).collect();
+    let more = model.labels.len().saturating_sub(shown.len());
+    println!(
+        "labels   {}{}",
+        shown.join(", "),
+        if more > 0 {
+            format!(" … (+{more})")
+        } else {
+            String::new()
+        }
+    );
+    if !model.metadata.is_empty() {
+        println!("metadata");
+        for (key, value) in &model.metadata {
+            let value: String = if value.len() > 100 {
+                format!("{}…", &value[..100])
+            } else {
+                value.clone()
+            };
+            println!("  {key} = {value}");
+        }
+    }
+    println!(
+        "cpu      {} [{}]",
+        std::env::consts::ARCH,
+        features.join(" ")
+    );
+    println!("tract    {}", tract_version());
+    Ok(())
+}
+
+fn tract_version() -> &'static str {
+    "tract-onnx 0.23.9"
+}
+
+/// The SIMD features tract's kernels select from on this CPU.
+fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => { $( if std::arch::is_x86_feature_detected!($f) { found.push($f); } )* };
+        }
+        probe!(
+            "sse4.1",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512vnni",
+            "avxvnni"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => { $( if std::arch::is_aarch64_feature_detected!($f) { found.push($f); } )* };
+        }
+        probe!("neon", "fp16", "dotprod", "i8mm");
+    }
+    found
+}
+
+/// A deterministic colour test frame, so `bench` needs no file.
+fn synthetic_frame(width: u32, height: u32) -> DecodedImage {
+    let pixels = (0..height)
+        .flat_map(|y| {
+            (0..width).flat_map(move |x| {
+                [
+                    (x * 255 / width) as u8,
+                    (y * 255 / height) as u8,
+                    ((x + y) % 256) as u8,
+                ]
+            })
+        })
+        .collect();
+    DecodedImage {
+        pixels,
+        width,
+        height,
+        format: PixelFormat::Rgb8,
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Stats {
+    min_ms: f64,
+    median_ms: f64,
+    p99_ms: f64,
+}
+
+fn stats(samples: &mut [Duration]) -> Stats {
+    samples.sort();
+    let at = |q: f64| ms(samples[((samples.len() - 1) as f64 * q).round() as usize]);
+    Stats {
+        min_ms: at(0.0),
+        median_ms: at(0.5),
+        p99_ms: at(0.99),
+    }
+}
+
+fn bench(
+    args: &ModelArgs,
+    image: Option<&Path>,
+    runs: usize,
+    warmup: usize,
+    json: bool,
+) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let (model, source, load) = args.load()?;
+    let frame = match image {
+        Some(path) => {
+            runtime::decode_file(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => synthetic_frame(640, 480),
+    };
+    let mut classifier = Classifier::new(model, 1)?;
+    for _ in 0..warmup {
+        classifier.classify_frame(&frame.frame())?;
+    }
+    let (mut pre, mut inference, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let started = Instant::now();
+        classifier.classify_frame(&frame.frame())?;
+        total.push(started.elapsed());
+        let t = classifier.timings();
+        pre.push(t.preprocess);
+        inference.push(t.inference);
+    }
+    let (pre, inference, total) = (stats(&mut pre), stats(&mut inference), stats(&mut total));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": source, "load_ms": ms(load), "runs": runs, "frame": [frame.width, frame.height],
+                "preprocess": pre, "inference": inference, "total": total,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "model {source}: loaded in {:.1} ms; {runs} runs on a {}x{} frame",
+        ms(load),
+        frame.width,
+        frame.height
+    );
+    println!(
+        "{:<12} {:>9} {:>9} {:>9}",
+        "ms/frame", "min", "median", "p99"
+    );
+    for (name, s) in [
+        ("preprocess", &pre),
+        ("inference", &inference),
+        ("total", &total),
+    ] {
+        println!(
+            "{name:<12} {:>9.3} {:>9.3} {:>9.3}",
+            s.min_ms, s.median_ms, s.p99_ms
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! The public metadata format: `metadata_props` keys the exporter writes into every ONNX file
+//! so one file is enough on a device. Documented in the README; changing a key is a breaking
+//! change of the format (bump [`FORMAT_VERSION`]).
+
+/// Format version of this key set.
+pub const FORMAT: &str = "vit.format_version";
+pub const FORMAT_VERSION: u32 = 1;
+/// JSON array of class names in output order.
+pub const LABELS: &str = "vit.labels";
+/// Square input side in pixels.
+pub const IMAGE_SIZE: &str = "vit.image_size";
+/// 1 (grey) or 3 (RGB).
+pub const CHANNELS: &str = "vit.channels";
+/// JSON arrays, one value per channel, applied to pixels scaled to [0, 1].
+pub const MEAN: &str = "vit.mean";
+pub const STD: &str = "vit.std";
+/// `squash` or `center-crop`.
+pub const RESIZE: &str = "vit.resize";
+/// Architecture preset name (`seed`, `video`, …) or `custom`.
+pub const PRESET: &str = "vit.preset";
+/// JSON of the architecture (image size, patch, dim, depth, heads, MLP, dropout, classes).
+pub const MODEL_CONFIG: &str = "vit.model_config";
+/// Tool and version that wrote the file.
+pub const PRODUCER: &str = "vit.producer";
+/// Validation accuracy (0–1) of the exported checkpoint, and its epoch.
+pub const VAL_ACCURACY: &str = "vit.val_accuracy";
+pub const VAL_EPOCH: &str = "vit.val_epoch";

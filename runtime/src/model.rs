@@ -1,0 +1,287 @@
+//! Loading an ONNX classifier into tract: metadata (or flags) → preprocessing and labels,
+//! input fixed to `[1, C, H, W]`, optimised once.
+
+use crate::metadata as key;
+use crate::preprocess::{PreprocessConfig, ResizeMode};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use tract_onnx::prelude::{
+    DatumExt, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable,
+    TypedRunnableModel,
+};
+use tract_onnx::tract_hir::infer::Factoid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read model {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not an ONNX model: {0}")]
+    NotOnnx(String),
+    #[error("the model's input is not an image tensor [N, C, H, W]: {0}")]
+    NotAnImage(String),
+    #[error("the model does not say its {0}: pass it as an option (e.g. --{1})")]
+    Missing(&'static str, &'static str),
+    #[error("metadata {key} is unreadable: {reason}")]
+    BadMetadata { key: &'static str, reason: String },
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("tract cannot prepare the model: {0}")]
+    Tract(String),
+}
+
+/// What the caller knows about a model that its metadata may lack (third-party exports).
+/// Every field set here wins over the metadata.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOptions {
+    pub image_size: Option<u32>,
+    pub channels: Option<u32>,
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    pub resize: Option<ResizeMode>,
+    pub labels: Option<Vec<String>>,
+}
+
+impl ModelOptions {
+    /// Read a labels file: one class name per line, blank lines ignored.
+    pub fn labels_from_file(path: &Path) -> Result<Vec<String>, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+}
+
+/// A loaded, optimised model and everything needed to feed and read it.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub plan: Arc<TypedRunnableModel>,
+    pub preprocess: PreprocessConfig,
+    pub labels: Vec<String>,
+    pub input_name: String,
+    pub output_name: String,
+    /// `onnx.metadata_props` of the file, by key.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Model {
+    pub fn load(path: &Path, options: &ModelOptions) -> Result<Model, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Model::from_bytes(&bytes, options)
+    }
+
+    pub fn from_bytes(bytes: &[u8], options: &ModelOptions) -> Result<Model, ModelError> {
+        let tract = |e: tract_onnx::prelude::TractError| ModelError::Tract(format!("{e:#}"));
+        let onnx = tract_onnx::onnx();
+        // Parse the protobuf first so a non-ONNX file gets its own error, not a tract trace.
+        let proto = onnx
+            .proto_model_for_read(&mut &bytes[..])
+            .map_err(|e| ModelError::NotOnnx(format!("{e}")))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| ModelError::NotOnnx("no graph".into()))?;
+        if graph.node.is_empty() {
+            return Err(ModelError::NotOnnx("the graph has no nodes".into()));
+        }
+        let metadata: BTreeMap<String, String> = proto
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        let mut model = onnx.model_for_proto_model(&proto).map_err(tract)?;
+
+        let input_fact = model.input_fact(0).map_err(tract)?.clone();
+        let declared = declared_shape(&input_fact)?;
+        let channels = options
+            .channels
+            .or(declared[1])
+            .or(parse(&metadata, key::CHANNELS)?)
+            .ok_or(ModelError::Missing("channel count", "channels"))?;
+        let image_size = options
+            .image_size
+            .or(declared[2].filter(|h| declared[3] == Some(*h)))
+            .or(parse(&metadata, key::IMAGE_SIZE)?)
+            .ok_or(ModelError::Missing("input size", "size"))?;
+        for (axis, name, want) in [
+            (1, "channels", channels),
+            (2, "height", image_size),
+            (3, "width", image_size),
+        ] {
+            if let Some(have) = declared[axis].filter(|have| *have != want) {
+                return Err(ModelError::Mismatch(format!(
+                    "the model's input {name} is {have}, not {want}"
+                )));
+            }
+        }
+        let n = channels as usize;
+        let mean = options
+            .mean
+            .clone()
+            .or(parse_json(&metadata, key::MEAN)?)
+            .unwrap_or_else(|| vec![0.5; n]);
+        let std = options
+            .std
+            .clone()
+            .or(parse_json(&metadata, key::STD)?)
+            .unwrap_or_else(|| vec![0.5; n]);
+        let resize = match options.resize {
+            Some(mode) => mode,
+            None => match metadata.get(key::RESIZE) {
+                Some(text) => {
+                    text.parse()
+                        .map_err(|e: crate::PreprocessError| ModelError::BadMetadata {
+                            key: key::RESIZE,
+                            reason: e.to_string(),
+                        })?
+                }
+                None => ResizeMode::default(),
+            },
+        };
+        let preprocess = PreprocessConfig {
+            image_size,
+            channels,
+            mean: broadcast(mean, n),
+            std: broadcast(std, n),
+            resize,
+        };
+        preprocess
+            .validate()
+            .map_err(|e| ModelError::Mismatch(e.to_string()))?;
+
+        let shape = [
+            1,
+            channels as usize,
+            image_size as usize,
+            image_size as usize,
+        ];
+        model = model
+            .with_input_fact(0, f32::fact(shape).into())
+            .map_err(tract)?;
+        let input_name = model
+            .node(model.input_outlets().map_err(tract)?[0].node)
+            .name
+            .clone();
+        let output_name = model
+            .node(model.output_outlets().map_err(tract)?[0].node)
+            .name
+            .clone();
+        let optimized = model.into_optimized().map_err(tract)?;
+        let output = optimized.output_fact(0).map_err(tract)?;
+        let classes = match output.shape.as_concrete() {
+            Some(dims) if dims.len() == 2 && dims[0] == 1 => dims[1],
+            _ => {
+                return Err(ModelError::Mismatch(format!(
+                    "the model's output is {output:?}, not [1, classes] logits"
+                )));
+            }
+        };
+        let labels = match options
+            .labels
+            .clone()
+            .or(parse_json(&metadata, key::LABELS)?)
+        {
+            Some(labels) if labels.len() != classes => {
+                return Err(ModelError::Mismatch(format!(
+                    "{} labels for a model with {classes} outputs",
+                    labels.len()
+                )));
+            }
+            Some(labels) => labels,
+            None => (0..classes).map(|c| format!("class_{c}")).collect(),
+        };
+        let plan = optimized.into_runnable().map_err(tract)?;
+        Ok(Model {
+            plan,
+            preprocess,
+            labels,
+            input_name,
+            output_name,
+            metadata,
+        })
+    }
+
+    pub fn classes(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+fn broadcast(values: Vec<f32>, channels: usize) -> Vec<f32> {
+    if values.len() == 1 {
+        vec![values[0]; channels]
+    } else {
+        values
+    }
+}
+
+/// The input's 4 dimensions where they are fixed numbers (`None` for symbols like `batch`).
+fn declared_shape(fact: &InferenceFact) -> Result<[Option<u32>; 4], ModelError> {
+    if let Some(dt) = fact.datum_type.concretize()
+        && dt != DatumType::F32
+    {
+        return Err(ModelError::NotAnImage(format!(
+            "input type is {dt:?}, not f32"
+        )));
+    }
+    let Some(rank) = fact.shape.rank().concretize() else {
+        return Ok([None; 4]);
+    };
+    if rank != 4 {
+        return Err(ModelError::NotAnImage(format!("input has rank {rank}")));
+    }
+    let mut dims = [None; 4];
+    for (axis, dim) in fact.shape.dims().enumerate() {
+        dims[axis] = dim
+            .concretize()
+            .and_then(|d| d.to_i64().ok())
+            .and_then(|d| u32::try_from(d).ok());
+    }
+    Ok(dims)
+}
+
+fn parse<T: std::str::FromStr>(
+    metadata: &BTreeMap<String, String>,
+    name: &'static str,
+) -> Result<Option<T>, ModelError>
+where
+    T::Err: std::fmt::Display,
+{
+    metadata
+        .get(name)
+        .map(|text| {
+            text.trim()
+                .parse()
+                .map_err(|e: T::Err| ModelError::BadMetadata {
+                    key: name,
+                    reason: e.to_string(),
+                })
+        })
+        .transpose()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    metadata: &BTreeMap<String, String>,
+    name: &'static str,
+) -> Result<Option<T>, ModelError> {
+    metadata
+        .get(name)
+        .map(|text| {
+            serde_json::from_str(text).map_err(|e| ModelError::BadMetadata {
+                key: name,
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+}

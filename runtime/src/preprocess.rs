@@ -1,0 +1,668 @@
+//! The one preprocessing shared by training and serving.
+//!
+//! A decoded frame of any size becomes the model's normalised `C×H×W` input:
+//! crop (optional) → separable antialiased bilinear resize → channel conversion → normalise,
+//! written straight into a caller-owned `f32` slice. The exporter's data loader and the runtime's
+//! frame pipeline both call [`PatchPipeline::run`], so the model sees identical pixels in
+//! training and on the device.
+//!
+//! Filter tables and the intermediate row buffer live in the pipeline and are rebuilt only when
+//! the frame geometry changes, so a camera loop with a fixed frame size allocates nothing.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// ITU-R BT.601 luma weights, as PIL's `convert("L")` and torchvision's `Grayscale` use.
+const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PreprocessError {
+    #[error("frame is empty ({width}x{height})")]
+    EmptyFrame { width: u32, height: u32 },
+    #[error(
+        "frame buffer holds {actual} bytes, {width}x{height} {format} with stride {stride} needs {needed}"
+    )]
+    FrameTooShort {
+        width: u32,
+        height: u32,
+        stride: usize,
+        format: PixelFormat,
+        needed: usize,
+        actual: usize,
+    },
+    #[error("output tensor holds {actual} values, the model input needs {needed}")]
+    OutputSize { needed: usize, actual: usize },
+    #[error("crop region {0:?} lies outside the frame")]
+    BadRegion(Region),
+    #[error("invalid preprocessing: {0}")]
+    InvalidConfig(String),
+}
+
+/// How a frame of arbitrary aspect ratio reaches the model's square input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Stretch the whole frame to the input size, as the tutorial's `Resize((144, 144))` does.
+    #[default]
+    Squash,
+    /// Resize the shorter side to the input size and keep the centre square.
+    CenterCrop,
+}
+
+impl ResizeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResizeMode::Squash => "squash",
+            ResizeMode::CenterCrop => "center-crop",
+        }
+    }
+}
+
+impl fmt::Display for ResizeMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ResizeMode {
+    type Err = PreprocessError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "squash" => Ok(ResizeMode::Squash),
+            "center-crop" => Ok(ResizeMode::CenterCrop),
+            other => Err(PreprocessError::InvalidConfig(format!(
+                "unknown resize mode {other:?} (expected squash or center-crop)"
+            ))),
+        }
+    }
+}
+
+/// Everything needed to turn a frame into the model's input; stored in the ONNX metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessConfig {
+    /// Square input side in pixels.
+    pub image_size: u32,
+    /// 1 (grey) or 3 (RGB).
+    pub channels: u32,
+    /// Per-channel mean and std applied to pixels scaled to [0, 1]; one value per channel.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub resize: ResizeMode,
+}
+
+impl PreprocessConfig {
+    /// Pixels scaled to [-1, 1]: a neutral default that suits both grey and colour data.
+    pub fn new(image_size: u32, channels: u32) -> Self {
+        let n = channels as usize;
+        PreprocessConfig {
+            image_size,
+            channels,
+            mean: vec![0.5; n],
+            std: vec![0.5; n],
+            resize: ResizeMode::Squash,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), PreprocessError> {
+        let invalid = |msg: String| Err(PreprocessError::InvalidConfig(msg));
+        if self.image_size == 0 || self.image_size > 4096 {
+            return invalid(format!("image size {} is not in 1..=4096", self.image_size));
+        }
+        if self.channels != 1 && self.channels != 3 {
+            return invalid(format!("{} channels (expected 1 or 3)", self.channels));
+        }
+        let n = self.channels as usize;
+        if self.mean.len() != n || self.std.len() != n {
+            return invalid(format!(
+                "mean/std need {n} values each, got {} and {}",
+                self.mean.len(),
+                self.std.len()
+            ));
+        }
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0)
+            || self.mean.iter().any(|m| !m.is_finite())
+        {
+            return invalid("std must be positive and mean/std finite".into());
+        }
+        Ok(())
+    }
+
+    /// Number of `f32` values of one preprocessed image (`C×H×W`).
+    pub fn tensor_len(&self) -> usize {
+        (self.channels * self.image_size * self.image_size) as usize
+    }
+}
+
+/// Layout of the bytes of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PixelFormat {
+    Gray8,
+    Rgb8,
+    Bgr8,
+}
+
+impl PixelFormat {
+    pub fn bytes_per_pixel(self) -> usize {
+        match self {
+            PixelFormat::Gray8 => 1,
+            PixelFormat::Rgb8 | PixelFormat::Bgr8 => 3,
+        }
+    }
+}
+
+impl fmt::Display for PixelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PixelFormat::Gray8 => "gray8",
+            PixelFormat::Rgb8 => "rgb8",
+            PixelFormat::Bgr8 => "bgr8",
+        })
+    }
+}
+
+/// Borrowed pixels of one frame; `stride` is the distance in bytes between row starts.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameRef<'a> {
+    pub data: &'a [u8],
+    pub width: u32,
+    pub height: u32,
+    pub stride: usize,
+    pub format: PixelFormat,
+}
+
+impl<'a> FrameRef<'a> {
+    /// A tightly packed frame (stride = width × bytes per pixel).
+    pub fn packed(data: &'a [u8], width: u32, height: u32, format: PixelFormat) -> Self {
+        let stride = width as usize * format.bytes_per_pixel();
+        FrameRef {
+            data,
+            width,
+            height,
+            stride,
+            format,
+        }
+    }
+
+    fn check(&self) -> Result<(), PreprocessError> {
+        if self.width == 0 || self.height == 0 {
+            return Err(PreprocessError::EmptyFrame {
+                width: self.width,
+                height: self.height,
+            });
+        }
+        let row = self.width as usize * self.format.bytes_per_pixel();
+        let needed = self.stride.max(row) * (self.height as usize - 1) + row;
+        if self.stride < row || self.data.len() < needed {
+            return Err(PreprocessError::FrameTooShort {
+                width: self.width,
+                height: self.height,
+                stride: self.stride,
+                format: self.format,
+                needed,
+                actual: self.data.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn row(&self, y: usize) -> &'a [u8] {
+        let start = y * self.stride;
+        &self.data[start..start + self.width as usize * self.format.bytes_per_pixel()]
+    }
+}
+
+/// A rectangle of a frame in pixels (possibly fractional, as random-resized crops are).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Region {
+    pub left: f32,
+    pub top: f32,
+    pub width: f32,
+    pub height: f32,
+}
+
+impl Region {
+    pub fn whole(width: u32, height: u32) -> Self {
+        Region {
+            left: 0.0,
+            top: 0.0,
+            width: width as f32,
+            height: height as f32,
+        }
+    }
+
+    /// The region `mode` keeps of a `width`×`height` frame.
+    pub fn for_mode(mode: ResizeMode, width: u32, height: u32) -> Self {
+        match mode {
+            ResizeMode::Squash => Region::whole(width, height),
+            ResizeMode::CenterCrop => {
+                let side = width.min(height) as f32;
+                Region {
+                    left: (width as f32 - side) / 2.0,
+                    top: (height as f32 - side) / 2.0,
+                    width: side,
+                    height: side,
+                }
+            }
+        }
+    }
+}
+
+/// Precomputed taps of a 1-D resampling: for each output sample, the first input index and
+/// its weights (a fixed-width window so the table is one flat buffer).
+#[derive(Debug, Default)]
+struct FilterTable {
+    first: Vec<usize>,
+    weights: Vec<f32>,
+    taps: usize,
+    /// Input length; windows of short inputs reach past it with zero weights.
+    src_len: usize,
+}
+
+impl FilterTable {
+    /// Antialiased bilinear (triangle filter widened by the downscale factor, as PIL and
+    /// fast_image_resize do): downscaling averages every source pixel instead of aliasing.
+    fn rebuild(&mut self, src_len: usize, start: f32, extent: f32, dst_len: usize) {
+        let scale = extent / dst_len as f32;
+        let support = scale.max(1.0);
+        self.taps = (support.ceil() as usize) * 2 + 1;
+        self.src_len = src_len;
+        self.first.clear();
+        self.weights.clear();
+        for out in 0..dst_len {
+            let centre = start + (out as f32 + 0.5) * scale;
+            let lo = ((centre - support).floor().max(0.0) as usize).min(src_len - 1);
+            let lo = lo.min(src_len.saturating_sub(self.taps));
+            let mut total = 0.0;
+            let base = self.weights.len();
+            for tap in 0..self.taps {
+                let index = lo + tap;
+                let w = if index < src_len {
+                    (1.0 - ((index as f32 + 0.5 - centre) / support).abs()).max(0.0)
+                } else {
+                    0.0
+                };
+                self.weights.push(w);
+                total += w;
+            }
+            if total > 0.0 {
+                self.weights[base..].iter_mut().for_each(|w| *w /= total);
+            } else {
+                // Sample outside every tap (degenerate tiny crops): nearest pixel.
+                let nearest = (centre.floor().max(0.0) as usize).min(src_len - 1);
+                self.weights[base + nearest.saturating_sub(lo).min(self.taps - 1)] = 1.0;
+            }
+            self.first.push(lo);
+        }
+    }
+
+    fn taps_of(&self, out: usize) -> (usize, &[f32]) {
+        (
+            self.first[out],
+            &self.weights[out * self.taps..(out + 1) * self.taps],
+        )
+    }
+
+    /// Input indices any output sample reads.
+    fn span(&self) -> std::ops::Range<usize> {
+        let lo = self.first.first().copied().unwrap_or(0);
+        let hi = self
+            .first
+            .last()
+            .map_or(0, |f| f + self.taps)
+            .min(self.src_len);
+        lo..hi
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Geometry {
+    width: u32,
+    height: u32,
+    region: [u32; 4],
+}
+
+/// The frame → tensor preprocessing, with every buffer sized once and reused.
+#[derive(Debug)]
+pub struct PatchPipeline {
+    config: PreprocessConfig,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+    horizontal: FilterTable,
+    vertical: FilterTable,
+    /// Horizontally resampled source rows: `rows × size × channels`.
+    rows: Vec<f32>,
+    geometry: Option<Geometry>,
+}
+
+impl PatchPipeline {
+    pub fn new(config: PreprocessConfig) -> Result<Self, PreprocessError> {
+        config.validate()?;
+        // (x / 255 - mean) / std folded into one multiply-add per value.
+        let scale = config.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
+        let offset = config
+            .mean
+            .iter()
+            .zip(&config.std)
+            .map(|(m, s)| -m / s)
+            .collect();
+        Ok(PatchPipeline {
+            config,
+            scale,
+            offset,
+            horizontal: FilterTable::default(),
+            vertical: FilterTable::default(),
+            rows: Vec::new(),
+            geometry: None,
+        })
+    }
+
+    pub fn config(&self) -> &PreprocessConfig {
+        &self.config
+    }
+
+    /// Preprocess a whole frame with the configured resize mode into `out` (`C×H×W`).
+    pub fn run(&mut self, frame: &FrameRef, out: &mut [f32]) -> Result<(), PreprocessError> {
+        let region = Region::for_mode(self.config.resize, frame.width, frame.height);
+        self.run_region(frame, region, out)
+    }
+
+    /// Preprocess one region of a frame (random-resized crops in training) into `out`.
+    pub fn run_region(
+        &mut self,
+        frame: &FrameRef,
+        region: Region,
+        out: &mut [f32],
+    ) -> Result<(), PreprocessError> {
+        frame.check()?;
+        let needed = self.config.tensor_len();
+        if out.len() != needed {
+            return Err(PreprocessError::OutputSize {
+                needed,
+                actual: out.len(),
+            });
+        }
+        let inside = region.left >= 0.0
+            && region.top >= 0.0
+            && region.width > 0.0
+            && region.height > 0.0
+            && region.left + region.width <= frame.width as f32 + 1e-3
+            && region.top + region.height <= frame.height as f32 + 1e-3;
+        if !inside {
+            return Err(PreprocessError::BadRegion(region));
+        }
+        self.prepare(frame, region);
+        self.resample_rows(frame);
+        self.resample_columns(out);
+        Ok(())
+    }
+
+    fn prepare(&mut self, frame: &FrameRef, region: Region) {
+        let geometry = Geometry {
+            width: frame.width,
+            height: frame.height,
+            region: [region.left, region.top, region.width, region.height].map(f32::to_bits),
+        };
+        if self.geometry == Some(geometry) {
+            return;
+        }
+        let size = self.config.image_size as usize;
+        self.horizontal
+            .rebuild(frame.width as usize, region.left, region.width, size);
+        self.vertical
+            .rebuild(frame.height as usize, region.top, region.height, size);
+        let rows = self.vertical.span().len();
+        self.rows
+            .resize(rows * size * self.config.channels as usize, 0.0);
+        self.geometry = Some(geometry);
+    }
+
+    /// Horizontal pass over the source rows the vertical pass will read, converting channels
+    /// on the way (both steps are linear, so their order does not change the result).
+    fn resample_rows(&mut self, frame: &FrameRef) {
+        let size = self.config.image_size as usize;
+        let channels = self.config.channels as usize;
+        let span = self.vertical.span();
+        for (row_index, y) in span.enumerate() {
+            let src = frame.row(y);
+            let dst =
+                &mut self.rows[row_index * size * channels..(row_index + 1) * size * channels];
+            for x in 0..size {
+                let (first, weights) = self.horizontal.taps_of(x);
+                let pixel = resample_pixel(src, frame.format, first, weights);
+                let dst = &mut dst[x * channels..(x + 1) * channels];
+                if channels == 1 {
+                    dst[0] = LUMA[0] * pixel[0] + LUMA[1] * pixel[1] + LUMA[2] * pixel[2];
+                } else {
+                    dst.copy_from_slice(&pixel);
+                }
+            }
+        }
+    }
+
+    /// Vertical pass, then normalisation into planar `C×H×W`.
+    fn resample_columns(&self, out: &mut [f32]) {
+        let size = self.config.image_size as usize;
+        let channels = self.config.channels as usize;
+        let row_len = size * channels;
+        let span = self.vertical.span();
+        let plane = size * size;
+        for y in 0..size {
+            let (first, weights) = self.vertical.taps_of(y);
+            for x in 0..size {
+                for c in 0..channels {
+                    let mut acc = 0.0;
+                    for (tap, w) in weights.iter().enumerate() {
+                        let row = first + tap;
+                        if row >= span.end {
+                            break;
+                        }
+                        acc += w * self.rows[(row - span.start) * row_len + x * channels + c];
+                    }
+                    out[c * plane + y * size + x] = acc * self.scale[c] + self.offset[c];
+                }
+            }
+        }
+    }
+}
+
+/// Weighted sum of `weights.len()` source pixels starting at `first`, as RGB (grey replicated).
+#[inline]
+fn resample_pixel(row: &[u8], format: PixelFormat, first: usize, weights: &[f32]) -> [f32; 3] {
+    let width = row.len() / format.bytes_per_pixel();
+    let mut acc = [0.0f32; 3];
+    for (tap, &w) in weights.iter().enumerate() {
+        let x = first + tap;
+        if x >= width || w == 0.0 {
+            continue;
+        }
+        match format {
+            PixelFormat::Gray8 => {
+                let v = w * row[x] as f32;
+                acc.iter_mut().for_each(|a| *a += v);
+            }
+            PixelFormat::Rgb8 => {
+                let p = &row[x * 3..x * 3 + 3];
+                acc[0] += w * p[0] as f32;
+                acc[1] += w * p[1] as f32;
+                acc[2] += w * p[2] as f32;
+            }
+            PixelFormat::Bgr8 => {
+                let p = &row[x * 3..x * 3 + 3];
+                acc[0] += w * p[2] as f32;
+                acc[1] += w * p[1] as f32;
+                acc[2] += w * p[0] as f32;
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity_config(size: u32, channels: u32) -> PreprocessConfig {
+        PreprocessConfig {
+            mean: vec![0.0; channels as usize],
+            std: vec![1.0; channels as usize],
+            ..PreprocessConfig::new(size, channels)
+        }
+    }
+
+    #[test]
+    fn same_size_grey_is_an_exact_copy() {
+        let pixels: Vec<u8> = (0..16u8).map(|v| v * 16).collect();
+        let frame = FrameRef::packed(&pixels, 4, 4, PixelFormat::Gray8);
+        let mut pipeline = PatchPipeline::new(identity_config(4, 1)).unwrap();
+        let mut out = vec![0.0; 16];
+        pipeline.run(&frame, &mut out).unwrap();
+        for (o, p) in out.iter().zip(&pixels) {
+            assert!((o - *p as f32 / 255.0).abs() < 1e-6, "{o} vs {p}");
+        }
+    }
+
+    #[test]
+    fn downscale_keeps_flat_areas_flat_and_edges_in_place() {
+        // 8x8: left half black, right half white → 2x2: dark left column, bright right column.
+        let pixels: Vec<u8> = (0..64).map(|i| if i % 8 < 4 { 0 } else { 255 }).collect();
+        let frame = FrameRef::packed(&pixels, 8, 8, PixelFormat::Gray8);
+        let mut pipeline = PatchPipeline::new(identity_config(2, 1)).unwrap();
+        let mut out = vec![0.0; 4];
+        pipeline.run(&frame, &mut out).unwrap();
+        assert!(
+            out[0] < 0.2 && out[2] < 0.2 && out[1] > 0.8 && out[3] > 0.8,
+            "{out:?}"
+        );
+
+        let flat = vec![77u8; 7 * 5];
+        let frame = FrameRef::packed(&flat, 7, 5, PixelFormat::Gray8);
+        let mut pipeline = PatchPipeline::new(identity_config(3, 1)).unwrap();
+        let mut out = vec![0.0; 9];
+        pipeline.run(&frame, &mut out).unwrap();
+        assert!(
+            out.iter().all(|v| (v - 77.0 / 255.0).abs() < 1e-5),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn rgb_to_grey_uses_bt601_luma_and_bgr_swaps_channels() {
+        let rgb = [255u8, 0, 0];
+        let frame = FrameRef::packed(&rgb, 1, 1, PixelFormat::Rgb8);
+        let mut grey = PatchPipeline::new(identity_config(1, 1)).unwrap();
+        let mut out = [0.0];
+        grey.run(&frame, &mut out).unwrap();
+        assert!((out[0] - 0.299).abs() < 1e-5);
+
+        let bgr = FrameRef::packed(&rgb, 1, 1, PixelFormat::Bgr8);
+        let mut colour = PatchPipeline::new(identity_config(1, 3)).unwrap();
+        let mut out = [0.0; 3];
+        colour.run(&bgr, &mut out).unwrap();
+        assert_eq!(out, [0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn normalisation_applies_mean_and_std_per_channel() {
+        let pixels = [255u8, 0, 51];
+        let frame = FrameRef::packed(&pixels, 1, 1, PixelFormat::Rgb8);
+        let config = PreprocessConfig {
+            mean: vec![0.5, 0.5, 0.2],
+            std: vec![0.5, 0.25, 0.1],
+            ..PreprocessConfig::new(1, 3)
+        };
+        let mut pipeline = PatchPipeline::new(config).unwrap();
+        let mut out = [0.0; 3];
+        pipeline.run(&frame, &mut out).unwrap();
+        let expected = [1.0, -2.0, 0.0];
+        for (o, e) in out.iter().zip(expected) {
+            assert!((o - e).abs() < 1e-5, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn center_crop_ignores_the_sides() {
+        // 6x2 frame: black borders of 2 columns each side, white centre → 2x2 white.
+        let mut pixels = [0u8; 12];
+        for y in 0..2 {
+            pixels[y * 6 + 2] = 255;
+            pixels[y * 6 + 3] = 255;
+        }
+        let frame = FrameRef::packed(&pixels, 6, 2, PixelFormat::Gray8);
+        let config = PreprocessConfig {
+            resize: ResizeMode::CenterCrop,
+            ..identity_config(2, 1)
+        };
+        let mut pipeline = PatchPipeline::new(config).unwrap();
+        let mut out = [0.0; 4];
+        pipeline.run(&frame, &mut out).unwrap();
+        assert!(out.iter().all(|v| (v - 1.0).abs() < 1e-5), "{out:?}");
+    }
+
+    #[test]
+    fn stride_padding_is_skipped() {
+        // 2x2 grey with 3 padding bytes per row.
+        let pixels = [10u8, 20, 99, 99, 99, 30, 40, 99, 99, 99];
+        let frame = FrameRef {
+            data: &pixels,
+            width: 2,
+            height: 2,
+            stride: 5,
+            format: PixelFormat::Gray8,
+        };
+        let mut pipeline = PatchPipeline::new(identity_config(2, 1)).unwrap();
+        let mut out = [0.0; 4];
+        pipeline.run(&frame, &mut out).unwrap();
+        let expected = [10.0, 20.0, 30.0, 40.0].map(|v| v / 255.0);
+        for (o, e) in out.iter().zip(expected) {
+            assert!((o - e).abs() < 1e-6, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn bad_frames_and_outputs_are_named_errors() {
+        let mut pipeline = PatchPipeline::new(identity_config(2, 1)).unwrap();
+        let mut out = [0.0; 4];
+        let empty = FrameRef::packed(&[], 0, 0, PixelFormat::Gray8);
+        assert!(matches!(
+            pipeline.run(&empty, &mut out),
+            Err(PreprocessError::EmptyFrame { .. })
+        ));
+        let short = FrameRef::packed(&[1, 2, 3], 2, 2, PixelFormat::Gray8);
+        assert!(matches!(
+            pipeline.run(&short, &mut out),
+            Err(PreprocessError::FrameTooShort { .. })
+        ));
+        let ok = FrameRef::packed(&[1, 2, 3, 4], 2, 2, PixelFormat::Gray8);
+        assert!(matches!(
+            pipeline.run(&ok, &mut [0.0; 3]),
+            Err(PreprocessError::OutputSize { .. })
+        ));
+        let outside = Region {
+            left: 1.0,
+            top: 0.0,
+            width: 2.0,
+            height: 2.0,
+        };
+        assert!(matches!(
+            pipeline.run_region(&ok, outside, &mut out),
+            Err(PreprocessError::BadRegion(_))
+        ));
+        assert!(PatchPipeline::new(PreprocessConfig::new(4, 2)).is_err());
+    }
+
+    #[test]
+    fn upscaling_is_monotonic_between_neighbours() {
+        let pixels = [0u8, 255];
+        let frame = FrameRef::packed(&pixels, 2, 1, PixelFormat::Gray8);
+        let mut pipeline = PatchPipeline::new(identity_config(8, 1)).unwrap();
+        let mut out = [0.0; 64];
+        pipeline.run(&frame, &mut out).unwrap();
+        let first_row = &out[..8];
+        assert!(
+            first_row.windows(2).all(|w| w[0] <= w[1] + 1e-6),
+            "{first_row:?}"
+        );
+        assert!(first_row[0] < 0.01 && first_row[7] > 0.99);
+    }
+}

@@ -1,0 +1,165 @@
+//! The `runtime` binary: the README's main command, and one clear line and a non-zero exit
+//! for each kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn runtime(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(args)
+        .output()
+        .expect("runtime runs")
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn sample() -> String {
+    repo("models/samples/frame.jpg").display().to_string()
+}
+
+#[test]
+fn classifies_the_shipped_sample_with_the_embedded_model() {
+    let first = runtime(&["classify", &sample(), "--json", "--top-k", "10"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let result: serde_json::Value = serde_json::from_str(stdout(&first).trim()).unwrap();
+    let top = result["top"].as_array().unwrap();
+    assert_eq!(top.len(), 10, "the default model has 10 classes");
+    let total: f64 = top.iter().map(|p| p["probability"].as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-4, "probabilities sum to {total}");
+    let probabilities: Vec<f64> = top
+        .iter()
+        .map(|p| p["probability"].as_f64().unwrap())
+        .collect();
+    assert!(
+        probabilities.windows(2).all(|w| w[0] >= w[1]),
+        "sorted best first"
+    );
+    // Deterministic: the same answer on a second process.
+    let second = runtime(&["classify", &sample(), "--json", "--top-k", "10"]);
+    let again: serde_json::Value = serde_json::from_str(stdout(&second).trim()).unwrap();
+    assert_eq!(result["top"], again["top"]);
+}
+
+#[test]
+fn several_images_reuse_the_model_and_a_bad_one_does_not_stop_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.jpg");
+    std::fs::write(&corrupt, b"\xff\xd8\xff\xe0 definitely not a jpeg").unwrap();
+    let coffee = repo("models/samples/coffee.jpg").display().to_string();
+    let output = runtime(&["classify", &sample(), corrupt.to_str().unwrap(), &coffee]);
+    assert_eq!(output.status.code(), Some(1));
+    let out = stdout(&output);
+    assert_eq!(out.lines().count(), 2, "both good images classified: {out}");
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "one line for the bad image: {err}");
+    assert!(err.contains("corrupt.jpg"), "{err}");
+}
+
+#[test]
+fn each_bad_input_gets_one_clear_line_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.display().to_string()
+    };
+    let jpeg = std::fs::read(repo("models/samples/frame.jpg")).unwrap();
+    let truncated = write("truncated.jpg", &jpeg[..jpeg.len() / 3]);
+    let empty = write("empty.png", b"");
+    let text = write("notes.png", b"just some text");
+    let not_onnx = write("model.onnx", b"this is not a protobuf at all \x00\x01\x02");
+    let labels = write("labels.txt", b"one\ntwo\nthree\n");
+    let sample = sample();
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["classify", &truncated], "truncated"),
+        (vec!["classify", &empty], "not a supported image"),
+        (vec!["classify", &text], "not a supported image"),
+        (vec!["classify", "/no/such/file.jpg"], "cannot read"),
+        (
+            vec!["classify", &sample, "--model", &not_onnx],
+            "not an ONNX model",
+        ),
+        (
+            vec!["classify", &sample, "--model", "/no/such/model.onnx"],
+            "cannot read model",
+        ),
+        (
+            vec!["classify", &sample, "--labels", &labels],
+            "3 labels for a model with 10 outputs",
+        ),
+        (vec!["classify", &sample, "--top-k", "0"], "top-k"),
+    ];
+    for (args, expected) in cases {
+        let output = runtime(&args);
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected {expected:?} in {err:?}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line, got {err:?}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn decompression_bombs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // A PNG whose header claims 100000 x 100000 pixels.
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        &[0u8],
+        1,
+        1,
+        image::ExtendedColorType::L8,
+    )
+    .unwrap();
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let path = dir.path().join("bomb.png");
+    std::fs::write(&path, &png).unwrap();
+    let output = runtime(&["classify", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains("limits") || err.contains("corrupt"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1);
+}
+
+#[test]
+fn info_and_bench_report_the_model() {
+    let info = runtime(&["info", "--json"]);
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["input"]["shape"], serde_json::json!([1, 1, 28, 28]));
+    assert_eq!(info["labels"].as_array().unwrap().len(), 10);
+    assert!(info["metadata"]["vit.labels"].is_string());
+
+    let bench = runtime(&["bench", "--runs", "5", "--warmup", "1", "--json"]);
+    assert!(bench.status.success(), "{}", stderr(&bench));
+    let bench: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    for part in ["preprocess", "inference", "total"] {
+        let s = &bench[part];
+        let (min, median, p99) = (
+            s["min_ms"].as_f64().unwrap(),
+            s["median_ms"].as_f64().unwrap(),
+            s["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(min > 0.0 && min <= median && median <= p99, "{part}: {s}");
+    }
+}

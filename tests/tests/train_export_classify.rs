@@ -1,0 +1,175 @@
+//! The whole product on a tiny model: train (burn) → export (ONNX) → classify (tract runtime),
+//! giving burn's answer; and a third-party-style file without metadata, driven by options.
+
+use exporter::training::{self, ModelOverrides, NewRun, Recipe};
+use exporter::{Preset, export};
+use runtime::{Classifier, Model, ModelOptions};
+use std::path::Path;
+
+fn trained_run(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    exporter::synthetic::write_dataset(&data, 3, 12, 20, 24, 5).unwrap();
+    let run = dir.join("run");
+    let new = NewRun {
+        data,
+        preset: Preset::Tiny,
+        overrides: ModelOverrides::default(),
+        recipe: Recipe {
+            epochs: 2,
+            batch_size: 4,
+            learning_rate: 5e-3,
+            ..Recipe::default()
+        },
+        augment: None,
+        channels: None,
+        mean: None,
+        std: None,
+        resize: runtime::ResizeMode::Squash,
+        backend: "flex".into(),
+        stop_after: None,
+    };
+    training::train(new, &run, &mut ()).unwrap();
+    run
+}
+
+/// burn's logits for one image file, through the exporter's own data path.
+fn burn_logits(run: &Path, image: &Path) -> Vec<f32> {
+    use burn::prelude::*;
+    let device = exporter::backend::device();
+    let (config, model) = training::load_run(run, &device).unwrap();
+    let decoded = runtime::decode_file(image).unwrap();
+    let mut pipeline = runtime::PatchPipeline::new(config.preprocess.clone()).unwrap();
+    let mut pixels = vec![0.0; config.preprocess.tensor_len()];
+    pipeline.run(&decoded.frame(), &mut pixels).unwrap();
+    let s = config.preprocess.image_size as usize;
+    let c = config.preprocess.channels as usize;
+    let input = Tensor::<4>::from_data(TensorData::new(pixels, [1, c, s, s]), &device);
+    model
+        .forward(input)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+fn runtime_logits(classifier: &mut Classifier, image: &Path) -> Vec<f32> {
+    let decoded = runtime::decode_file(image).unwrap();
+    classifier.classify_frame(&decoded.frame()).unwrap();
+    // Probabilities back to logits up to a constant: compare log-probabilities instead.
+    classifier.probabilities().iter().map(|p| p.ln()).collect()
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    logits.iter().map(|l| l - max - sum.ln()).collect()
+}
+
+fn images(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut all: Vec<_> = std::fs::read_dir(dir.join("data/class_1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    all.sort();
+    all.truncate(4);
+    all
+}
+
+#[test]
+fn runtime_gives_burns_answer_on_an_exported_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run(dir.path());
+    let onnx = dir.path().join("model.onnx");
+    export::export(&run, &onnx, 17, None).unwrap();
+    let model = Model::load(&onnx, &ModelOptions::default()).unwrap();
+    assert_eq!(model.labels, vec!["class_0", "class_1", "class_2"]);
+    let mut classifier = Classifier::new(model, 3).unwrap();
+    for image in images(dir.path()) {
+        let ours = runtime_logits(&mut classifier, &image);
+        let reference = log_softmax(&burn_logits(&run, &image));
+        let diff = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff <= 1e-4,
+            "{}: log-probabilities differ by {diff}",
+            image.display()
+        );
+    }
+}
+
+#[test]
+fn a_model_without_metadata_runs_with_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run(dir.path());
+    let with_metadata = dir.path().join("model.onnx");
+    export::export(&run, &with_metadata, 17, None).unwrap();
+
+    // Strip the metadata, as a torch.onnx export would come.
+    let mut proto = exporter::onnx_graph::decode(&std::fs::read(&with_metadata).unwrap()).unwrap();
+    proto.metadata_props.clear();
+    let bare = dir.path().join("bare.onnx");
+    std::fs::write(&bare, exporter::onnx_graph::encode(&proto)).unwrap();
+
+    // The input shape is symbolic in batch only: size and channels are read from the model.
+    let model = Model::load(&bare, &ModelOptions::default()).unwrap();
+    assert_eq!(
+        (model.preprocess.image_size, model.preprocess.channels),
+        (16, 1)
+    );
+    assert_eq!(
+        model.labels,
+        vec!["class_0", "class_1", "class_2"],
+        "placeholder labels"
+    );
+
+    let options = ModelOptions {
+        mean: Some(vec![0.5]),
+        std: Some(vec![0.5]),
+        labels: Some(vec!["a".into(), "b".into(), "c".into()]),
+        ..ModelOptions::default()
+    };
+    let bare_model = Model::load(&bare, &options).unwrap();
+    assert_eq!(bare_model.labels, vec!["a", "b", "c"]);
+    let mut bare_classifier = Classifier::new(bare_model, 3).unwrap();
+    let mut full_classifier = Classifier::new(
+        Model::load(&with_metadata, &ModelOptions::default()).unwrap(),
+        3,
+    )
+    .unwrap();
+    for image in images(dir.path()) {
+        let a = runtime_logits(&mut bare_classifier, &image);
+        let b = runtime_logits(&mut full_classifier, &image);
+        assert_eq!(a, b, "same options as the metadata give the same answer");
+    }
+
+    let wrong_labels = ModelOptions {
+        labels: Some(vec!["only".into(), "two".into()]),
+        ..ModelOptions::default()
+    };
+    let err = Model::load(&bare, &wrong_labels).unwrap_err().to_string();
+    assert!(err.contains("2 labels for a model with 3 outputs"), "{err}");
+    let wrong_size = ModelOptions {
+        image_size: Some(32),
+        ..ModelOptions::default()
+    };
+    let err = Model::load(&bare, &wrong_size).unwrap_err().to_string();
+    assert!(err.contains("height is 16, not 32"), "{err}");
+}
+
+#[test]
+fn a_model_whose_input_is_not_an_image_is_refused() {
+    use exporter::onnx_graph::{Dim, GraphBuilder};
+    let mut g = GraphBuilder::new("mlp");
+    g.input("features", &[Dim::Symbol("batch"), Dim::Fixed(4)]);
+    let w = g.weight("w", &[4, 2], vec![0.5; 8]);
+    g.node("MatMul", "logits", &["features", &w], vec![]);
+    g.output("logits", &[Dim::Symbol("batch"), Dim::Fixed(2)]);
+    let bytes = exporter::onnx_graph::encode(&g.finish(17, "test", vec![]));
+    let err = Model::from_bytes(&bytes, &ModelOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not an image tensor"), "{err}");
+}
