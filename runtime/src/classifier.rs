@@ -44,6 +44,7 @@ pub struct Classifier {
     pipeline: PatchPipeline,
     /// Shared with tract during a run and exclusively ours between runs.
     input: Arc<Tensor>,
+    logits: Vec<f32>,
     probabilities: Vec<f32>,
     top: TopK,
     k: usize,
@@ -69,6 +70,7 @@ impl Classifier {
             .map_err(|e| ClassifyError::Inference(e.to_string()))?;
         Ok(Classifier {
             pipeline: PatchPipeline::new(p.clone())?,
+            logits: vec![0.0; model.classes()],
             probabilities: vec![0.0; model.classes()],
             top: TopK::new(),
             k: k.min(model.classes()),
@@ -85,6 +87,11 @@ impl Classifier {
 
     pub fn label(&self, class: usize) -> &str {
         &self.model.labels[class]
+    }
+
+    /// Raw logits of the last frame, in class order.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
     }
 
     /// Softmax probabilities of the last frame, in class order.
@@ -125,6 +132,27 @@ impl Classifier {
         Ok(())
     }
 
+    /// Use an already preprocessed `C×H×W` tensor as the next input (tests, raw pipelines).
+    pub fn set_input(&mut self, pixels: &[f32]) -> Result<(), ClassifyError> {
+        let input =
+            Arc::get_mut(&mut self.input).expect("tract released the input after the last run");
+        let mut plain = input
+            .try_as_plain_ram_mut()
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        let values = plain
+            .as_slice_mut::<f32>()
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        if values.len() != pixels.len() {
+            return Err(PreprocessError::OutputSize {
+                needed: values.len(),
+                actual: pixels.len(),
+            }
+            .into());
+        }
+        values.copy_from_slice(pixels);
+        Ok(())
+    }
+
     /// Run the model on the current input tensor, then softmax and top-k.
     pub fn infer(&mut self) -> Result<&TopK, ClassifyError> {
         let outputs = self
@@ -135,6 +163,7 @@ impl Classifier {
             .try_as_plain_ram()
             .and_then(|plain| plain.as_slice::<f32>())
             .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        self.logits.copy_from_slice(logits);
         softmax_into(logits, &mut self.probabilities);
         drop(outputs);
         top_k_into(&self.probabilities, self.k, &mut self.top);

@@ -44,6 +44,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Logits of raw preprocessed input tensors (little-endian f32, N×C×H×W), for comparing
+    /// runtimes on identical inputs (tests/onnx_peers.py).
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// File of N×C×H×W little-endian f32 values.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency per frame (preprocess, inference, total): min, median, p99.
     Bench {
         #[command(flatten)]
@@ -142,6 +155,12 @@ fn run(cli: Cli) -> Result<bool> {
             json,
         } => classify(&images, &model, top_k, json),
         Command::Info { model, json } => info(&model, json).map(|_| true),
+        Command::Logits {
+            model,
+            input,
+            batch,
+            json,
+        } => logits(&model, &input, batch, json).map(|_| true),
         Command::Bench {
             model,
             image,
@@ -221,6 +240,48 @@ fn classify(images: &[PathBuf], args: &ModelArgs, top_k: usize, json: bool) -> R
         }
     }
     Ok(all_ok)
+}
+
+fn logits(args: &ModelArgs, input: &Path, batch: usize, json: bool) -> Result<()> {
+    let (model, _, _) = args.load()?;
+    let per_item = model.preprocess.tensor_len();
+    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    if bytes.len() != batch * per_item * 4 {
+        bail!(
+            "{} holds {} bytes; {batch} inputs of {per_item} f32 need {}",
+            input.display(),
+            bytes.len(),
+            batch * per_item * 4
+        );
+    }
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let mut classifier = Classifier::new(model, 1)?;
+    let mut all = Vec::with_capacity(batch * classifier.model().classes());
+    for item in values.chunks(per_item) {
+        classifier.set_input(item)?;
+        classifier.infer()?;
+        all.extend_from_slice(classifier.logits());
+    }
+    if json {
+        println!(
+            "{}",
+            json!({"batch": batch, "classes": classifier.model().classes(), "logits": all})
+        );
+    } else {
+        for row in all.chunks(classifier.model().classes()) {
+            println!(
+                "{}",
+                row.iter()
+                    .map(|v| format!("{v:.6}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn info(args: &ModelArgs, json: bool) -> Result<()> {
