@@ -120,37 +120,23 @@ impl Classifier {
 
     /// Write the frame into the input tensor.
     pub fn preprocess(&mut self, frame: &FrameRef) -> Result<(), ClassifyError> {
-        let input =
-            Arc::get_mut(&mut self.input).expect("tract released the input after the last run");
-        let mut plain = input
-            .try_as_plain_ram_mut()
-            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
-        let pixels = plain
-            .as_slice_mut::<f32>()
-            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
-        self.pipeline.run(frame, pixels)?;
-        Ok(())
+        let pipeline = &mut self.pipeline;
+        write_input(&mut self.input, |pixels| Ok(pipeline.run(frame, pixels)?))
     }
 
     /// Use an already preprocessed `C×H×W` tensor as the next input (tests, raw pipelines).
     pub fn set_input(&mut self, pixels: &[f32]) -> Result<(), ClassifyError> {
-        let input =
-            Arc::get_mut(&mut self.input).expect("tract released the input after the last run");
-        let mut plain = input
-            .try_as_plain_ram_mut()
-            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
-        let values = plain
-            .as_slice_mut::<f32>()
-            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
-        if values.len() != pixels.len() {
-            return Err(PreprocessError::OutputSize {
-                needed: values.len(),
-                actual: pixels.len(),
+        write_input(&mut self.input, |values| {
+            if values.len() != pixels.len() {
+                return Err(PreprocessError::OutputSize {
+                    needed: values.len(),
+                    actual: pixels.len(),
+                }
+                .into());
             }
-            .into());
-        }
-        values.copy_from_slice(pixels);
-        Ok(())
+            values.copy_from_slice(pixels);
+            Ok(())
+        })
     }
 
     /// Run the model on the current input tensor, then softmax and top-k.
@@ -169,6 +155,22 @@ impl Classifier {
         top_k_into(&self.probabilities, self.k, &mut self.top);
         Ok(&self.top)
     }
+}
+
+/// Give `write` the input tensor's values; between runs tract holds no reference to it.
+fn write_input(
+    input: &mut Arc<Tensor>,
+    write: impl FnOnce(&mut [f32]) -> Result<(), ClassifyError>,
+) -> Result<(), ClassifyError> {
+    let input = Arc::get_mut(input).expect("tract released the input after the last run");
+    let mut plain = input
+        .try_as_plain_ram_mut()
+        .map_err(|e| ClassifyError::Inference(e.to_string()))?;
+    write(
+        plain
+            .as_slice_mut::<f32>()
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?,
+    )
 }
 
 /// Numerically stable softmax of `logits` into `out` (same length).
