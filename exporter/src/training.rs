@@ -243,10 +243,10 @@ pub fn train(
     let mut preprocess = PreprocessConfig::new(model.image_size as u32, channels as u32);
     preprocess.resize = new.resize;
     if let Some(mean) = new.mean {
-        preprocess.mean = broadcast(mean, channels);
+        preprocess.mean = runtime::preprocess::per_channel(mean, channels);
     }
     if let Some(std) = new.std {
-        preprocess.std = broadcast(std, channels);
+        preprocess.std = runtime::preprocess::per_channel(std, channels);
     }
     preprocess
         .validate()
@@ -315,14 +315,6 @@ pub fn resume(
     }
     let sets = load_sets(&splits, progress)?;
     run(&config, run_dir, checkpoint, sets, stop_after, progress)
-}
-
-fn broadcast(values: Vec<f32>, channels: usize) -> Vec<f32> {
-    if values.len() == 1 {
-        vec![values[0]; channels]
-    } else {
-        values
-    }
 }
 
 fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {

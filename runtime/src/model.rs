@@ -2,7 +2,7 @@
 //! input fixed to `[1, C, H, W]`, optimised once.
 
 use crate::metadata as key;
-use crate::preprocess::{PreprocessConfig, ResizeMode};
+use crate::preprocess::{PreprocessConfig, ResizeMode, per_channel};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -153,8 +153,8 @@ impl Model {
         let preprocess = PreprocessConfig {
             image_size,
             channels,
-            mean: broadcast(mean, n),
-            std: broadcast(std, n),
+            mean: per_channel(mean, n),
+            std: per_channel(std, n),
             resize,
         };
         preprocess
@@ -215,14 +215,6 @@ impl Model {
 
     pub fn classes(&self) -> usize {
         self.labels.len()
-    }
-}
-
-fn broadcast(values: Vec<f32>, channels: usize) -> Vec<f32> {
-    if values.len() == 1 {
-        vec![values[0]; channels]
-    } else {
-        values
     }
 }
 

@@ -134,6 +134,16 @@ impl PreprocessConfig {
     }
 }
 
+/// One value for every channel: a single value is repeated, a list is kept as given (and
+/// checked by [`PreprocessConfig::validate`]).
+pub fn per_channel(values: Vec<f32>, channels: usize) -> Vec<f32> {
+    if values.len() == 1 {
+        vec![values[0]; channels]
+    } else {
+        values
+    }
+}
+
 /// Layout of the bytes of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PixelFormat {
