@@ -6,22 +6,15 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+pub use runtime::dataset::{DatasetError, ImageFolder, Item};
+pub use runtime::evaluation::SkippedImage;
 use runtime::{DecodedImage, PatchPipeline, PreprocessConfig, PreprocessError, Region};
 use std::path::{Path, PathBuf};
 
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"];
-
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read dataset folder {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{0} has no class sub-folders with images (expected ROOT/<class>/<image>)")]
-    NoClasses(String),
-    #[error("{0} has a single class; a classifier needs at least two")]
-    SingleClass(String),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
     #[error("train and validation folders have different classes: {train:?} vs {val:?}")]
     ClassMismatch {
         train: Vec<String>,
@@ -33,79 +26,6 @@ pub enum DataError {
     Empty(String),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
-}
-
-/// One labelled image file.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Item {
-    pub path: PathBuf,
-    pub label: usize,
-}
-
-/// A folder whose sub-folders are classes (sorted by name) holding images.
-#[derive(Clone, Debug)]
-pub struct ImageFolder {
-    pub classes: Vec<String>,
-    pub items: Vec<Item>,
-}
-
-impl ImageFolder {
-    pub fn scan(root: &Path) -> Result<Self, DataError> {
-        let io = |source| DataError::Io {
-            path: root.display().to_string(),
-            source,
-        };
-        let mut classes: Vec<(String, PathBuf)> = Vec::new();
-        for entry in std::fs::read_dir(root).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            if entry.file_type().map_err(io)?.is_dir() {
-                classes.push((
-                    entry.file_name().to_string_lossy().into_owned(),
-                    entry.path(),
-                ));
-            }
-        }
-        classes.sort();
-        let mut names = Vec::new();
-        let mut items = Vec::new();
-        for (name, dir) in classes {
-            let mut files = image_files(&dir)?;
-            if files.is_empty() {
-                continue;
-            }
-            files.sort();
-            let label = names.len();
-            names.push(name);
-            items.extend(files.into_iter().map(|path| Item { path, label }));
-        }
-        match names.len() {
-            0 => Err(DataError::NoClasses(root.display().to_string())),
-            1 => Err(DataError::SingleClass(root.display().to_string())),
-            _ => Ok(ImageFolder {
-                classes: names,
-                items,
-            }),
-        }
-    }
-}
-
-fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let io = |source| DataError::Io {
-        path: dir.display().to_string(),
-        source,
-    };
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
-        let is_image = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-        if is_image && path.is_file() {
-            files.push(path);
-        }
-    }
-    Ok(files)
 }
 
 /// Training and validation items with their shared class names.
@@ -168,13 +88,6 @@ impl Splits {
             val,
         })
     }
-}
-
-/// An image that could not be used, and why.
-#[derive(Clone, Debug)]
-pub struct SkippedImage {
-    pub path: PathBuf,
-    pub reason: String,
 }
 
 /// Decoded images of one split.

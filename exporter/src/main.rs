@@ -110,6 +110,10 @@ struct TrainArgs {
     augment: bool,
     #[arg(long)]
     no_augment: bool,
+    /// Smallest area of the random-resized crop, as a fraction of the image (default 0.5).
+    /// Implies --augment unless --no-augment is given.
+    #[arg(long)]
+    crop_min_area: Option<f32>,
     /// Input channels (default: 1 if every training image is grey, else 3).
     #[arg(long)]
     channels: Option<usize>,
@@ -242,8 +246,9 @@ fn train(args: TrainArgs) -> Result<()> {
             augment: match (args.augment, args.no_augment) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),
-                _ => None,
+                _ => args.crop_min_area.map(|_| true),
             },
+            crop_min_area: args.crop_min_area,
             channels: args.channels,
             mean: args.mean.clone(),
             std: args.std.clone(),
@@ -290,11 +295,11 @@ fn eval(args: EvalArgs) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     runtime::write_atomic(
         &out.join("confusion.txt"),
-        report.confusion_text().as_bytes(),
+        report.confusion.text().as_bytes(),
     )?;
     exporter::plots::confusion_matrix(
-        &report.confusion,
-        &report.classes,
+        &report.confusion.matrix,
+        &report.confusion.classes,
         &out.join("confusion.png"),
     )
     .map_err(anyhow::Error::msg)?;
@@ -311,15 +316,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     if report.skipped > 0 {
         println!("skipped {} unreadable images", report.skipped);
     }
-    for class in &report.per_class {
-        println!(
-            "  {:<20} {:>6.2}%  ({} images)",
-            class.class,
-            class.accuracy * 100.0,
-            class.count
-        );
-    }
-    println!("\n{}", report.confusion_text());
+    print!("{}", report.confusion.per_class_text());
+    println!("\n{}", report.confusion.text());
     println!("confusion matrix: {}", out.join("confusion.png").display());
     Ok(())
 }

@@ -39,7 +39,7 @@ pub struct ViTConfig {
 pub enum Preset {
     /// For tests: 16 px, patch 4, dim 16, 2 layers, 2 heads.
     Tiny,
-    /// 28 px grey images (Fashion-MNIST): patch 4 (49 patches), dim 64, 6 layers, 4 heads.
+    /// 28 px grey images (Fashion-MNIST): patch 7 (16 patches), dim 64, 6 layers, 4 heads, MLP 128.
     Fashion,
     /// The tutorial notebook: 144 px, patch 4, dim 32, 6 layers, 2 heads, MLP 32.
     Seed,
@@ -63,7 +63,7 @@ impl Preset {
     pub fn config(self, channels: usize, num_classes: usize) -> ViTConfig {
         let (image_size, patch_size, dim, depth, heads, mlp_dim, dropout) = match self {
             Preset::Tiny => (16, 4, 16, 2, 2, 32, 0.0),
-            Preset::Fashion => (28, 4, 64, 6, 4, 128, 0.1),
+            Preset::Fashion => (28, 7, 64, 6, 4, 128, 0.1),
             Preset::Seed => (144, 4, 32, 6, 2, 32, 0.1),
             Preset::Video => (144, 8, 128, 4, 4, 512, 0.1),
             Preset::DeitTiny => (224, 16, 192, 12, 3, 768, 0.1),

@@ -115,6 +115,8 @@ pub struct NewRun {
     /// Random-resized crop + flip; `None` decides from the data: on for colour images, off for
     /// grey (digit-like) ones, where flips and crops change the meaning.
     pub augment: Option<bool>,
+    /// Smallest crop area (fraction of the image) of the random-resized crop, when augmenting.
+    pub crop_min_area: Option<f32>,
     pub channels: Option<usize>,
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
@@ -268,10 +270,14 @@ pub fn train(
         label_smoothing: recipe.label_smoothing,
         seed: recipe.seed,
         val_fraction: recipe.val_fraction,
-        augmentation: match new.augment {
-            Some(true) => Some(Augmentation::default()),
-            Some(false) => None,
-            None => (channels == 3).then(Augmentation::default),
+        augmentation: {
+            let augmentation = Augmentation {
+                min_area: new
+                    .crop_min_area
+                    .unwrap_or(Augmentation::default().min_area),
+                ..Augmentation::default()
+            };
+            new.augment.unwrap_or(channels == 3).then_some(augmentation)
         },
         backend: new.backend,
     };
@@ -336,6 +342,12 @@ fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {
     }
     if config.grad_clip.is_some_and(|c| c <= 0.0) {
         return invalid("gradient clip norm must be positive");
+    }
+    if config
+        .augmentation
+        .is_some_and(|a| !(a.min_area > 0.0 && a.min_area <= 1.0))
+    {
+        return invalid("the crop's minimum area must be in (0, 1]");
     }
     Ok(())
 }

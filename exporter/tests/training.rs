@@ -22,6 +22,7 @@ fn new_run(data: &Path, epochs: usize) -> NewRun {
             ..Recipe::default()
         },
         augment: None,
+        crop_min_area: None,
         channels: None,
         mean: None,
         std: None,

@@ -5,11 +5,14 @@
 
 pub mod atomic_file;
 pub mod classifier;
+pub mod dataset;
 pub mod decode;
 pub mod embedded;
+pub mod evaluation;
 pub mod metadata;
 pub mod model;
 pub mod preprocess;
+pub mod threads;
 
 pub use atomic_file::{write_atomic, write_atomic_with};
 pub use classifier::{Classifier, ClassifyError, FrameTimings, MAX_TOP_K, Prediction, TopK};
@@ -18,6 +21,7 @@ pub use model::{Model, ModelError, ModelOptions};
 pub use preprocess::{
     FrameRef, PatchPipeline, PixelFormat, PreprocessConfig, PreprocessError, Region, ResizeMode,
 };
+pub use threads::set_threads;
 
 /// Re-exported so the exporter verifies its graphs with exactly the runtime's tract.
 pub use tract_onnx;

@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use runtime::{Classifier, DecodedImage, Model, ModelOptions, PixelFormat, ResizeMode};
 use serde_json::json;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Accuracy, per-class accuracy and confusion matrix on a folder-per-class dataset.
+    ///
+    /// DATA holds one sub-folder per class, named as the model's labels (all of them or some);
+    /// images that cannot be decoded are skipped and counted.
+    Eval {
+        /// The model to evaluate (same as --model).
+        #[arg(value_name = "MODEL")]
+        model_path: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Folder-per-class test images.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency per frame (preprocess, inference, total): min, median, p99.
     Bench {
         #[command(flatten)]
@@ -96,10 +113,22 @@ struct ModelArgs {
     /// Class names, one per line, in output order.
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// Cores for tract's matrix products (0: all). One leaves the others to the camera.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// A loaded model and how it was loaded.
+struct Loaded {
+    model: Model,
+    source: String,
+    load: Duration,
+    threads: usize,
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<(Model, String, Duration)> {
+    fn load(&self) -> Result<Loaded> {
+        let threads = runtime::set_threads(self.threads)?;
         let options = ModelOptions {
             image_size: self.size,
             channels: self.channels,
@@ -129,7 +158,12 @@ impl ModelArgs {
                 ),
             },
         };
-        Ok((model, source, started.elapsed()))
+        Ok(Loaded {
+            model,
+            source,
+            load: started.elapsed(),
+            threads,
+        })
     }
 }
 
@@ -161,6 +195,15 @@ fn run(cli: Cli) -> Result<bool> {
             batch,
             json,
         } => logits(&model, &input, batch, json).map(|_| true),
+        Command::Eval {
+            model_path,
+            mut model,
+            data,
+            json,
+        } => {
+            model.model = model_path.or(model.model);
+            eval(&model, &data, json).map(|_| true)
+        }
         Command::Bench {
             model,
             image,
@@ -176,7 +219,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn classify(images: &[PathBuf], args: &ModelArgs, top_k: usize, json: bool) -> Result<bool> {
-    let (model, _, _) = args.load()?;
+    let model = args.load()?.model;
     let mut classifier = Classifier::new(model, top_k)?;
     let mut all_ok = true;
     for path in images {
@@ -242,8 +285,47 @@ fn classify(images: &[PathBuf], args: &ModelArgs, top_k: usize, json: bool) -> R
     Ok(all_ok)
 }
 
+fn eval(args: &ModelArgs, data: &Path, json: bool) -> Result<()> {
+    let Loaded { model, source, .. } = args.load()?;
+    let mut classifier = Classifier::new(model, 1)?;
+    let show_progress = !json && std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let report = runtime::evaluation::evaluate_folder(&mut classifier, data, |done, total| {
+        if show_progress && (done % 100 == 0 || done == total) {
+            eprint!("\r{done}/{total} images");
+        }
+    })
+    .with_context(|| format!("evaluating {source} on {}", data.display()))?;
+    if show_progress {
+        eprintln!();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"model": source, "data": data, "seconds": seconds, "report": report})
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "accuracy {:.2}% on {} images ({} right) · {source} · {:.1} s",
+        report.accuracy * 100.0,
+        report.count,
+        report.confusion.correct(),
+        seconds
+    );
+    for skipped in &report.skipped {
+        println!("skipped {}: {}", skipped.path.display(), skipped.reason);
+    }
+    print!("{}", report.confusion.per_class_text());
+    println!("\n{}", report.confusion.text());
+    Ok(())
+}
+
 fn logits(args: &ModelArgs, input: &Path, batch: usize, json: bool) -> Result<()> {
-    let (model, _, _) = args.load()?;
+    let model = args.load()?.model;
     let per_item = model.preprocess.tensor_len();
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     if bytes.len() != batch * per_item * 4 {
@@ -285,9 +367,16 @@ fn logits(args: &ModelArgs, input: &Path, batch: usize, json: bool) -> Result<()
 }
 
 fn info(args: &ModelArgs, json: bool) -> Result<()> {
-    let (model, source, load) = args.load()?;
+    let Loaded {
+        model,
+        source,
+        load,
+        threads,
+    } = args.load()?;
     let p = &model.preprocess;
-    let features = cpu_features();
+    let features = runtime::model::cpu_features();
+    let kernels = model.kernels();
+    let operators = model.operators();
     if json {
         println!(
             "{}",
@@ -300,7 +389,7 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
                 "labels": model.labels,
                 "metadata": model.metadata,
                 "cpu": {"arch": std::env::consts::ARCH, "features": features},
-                "tract": tract_version(),
+                "tract": {"version": tract_version(), "threads": threads, "matmul_kernels": kernels, "operators": operators},
             }))?
         );
         return Ok(());
@@ -345,42 +434,20 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
         std::env::consts::ARCH,
         features.join(" ")
     );
-    println!("tract    {}", tract_version());
+    println!("tract    {} · {threads} thread(s)", tract_version());
+    let list = |map: &std::collections::BTreeMap<String, usize>| {
+        map.iter()
+            .map(|(name, n)| format!("{name} ×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("kernels  {}", list(&kernels));
+    println!("ops      {}", list(&operators));
     Ok(())
 }
 
 fn tract_version() -> &'static str {
     "tract-onnx 0.23.9"
-}
-
-/// The SIMD features tract's kernels select from on this CPU.
-fn cpu_features() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut found = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        macro_rules! probe {
-            ($($f:tt),*) => { $( if std::arch::is_x86_feature_detected!($f) { found.push($f); } )* };
-        }
-        probe!(
-            "sse4.1",
-            "avx",
-            "avx2",
-            "fma",
-            "f16c",
-            "avx512f",
-            "avx512vnni",
-            "avxvnni"
-        );
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        macro_rules! probe {
-            ($($f:tt),*) => { $( if std::arch::is_aarch64_feature_detected!($f) { found.push($f); } )* };
-        }
-        probe!("neon", "fp16", "dotprod", "i8mm");
-    }
-    found
 }
 
 /// A deterministic colour test frame, so `bench` needs no file.
@@ -431,7 +498,12 @@ fn bench(
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let (model, source, load) = args.load()?;
+    let Loaded {
+        model,
+        source,
+        load,
+        threads,
+    } = args.load()?;
     let frame = match image {
         Some(path) => {
             runtime::decode_file(path).with_context(|| format!("reading {}", path.display()))?
@@ -456,14 +528,14 @@ fn bench(
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "model": source, "load_ms": ms(load), "runs": runs, "frame": [frame.width, frame.height],
+                "model": source, "load_ms": ms(load), "threads": threads, "runs": runs, "frame": [frame.width, frame.height],
                 "preprocess": pre, "inference": inference, "total": total,
             }))?
         );
         return Ok(());
     }
     println!(
-        "model {source}: loaded in {:.1} ms; {runs} runs on a {}x{} frame",
+        "model {source}: loaded in {:.1} ms; {runs} runs on a {}x{} frame, {threads} thread(s)",
         ms(load),
         frame.width,
         frame.height

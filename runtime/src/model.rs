@@ -10,6 +10,7 @@ use tract_onnx::prelude::{
     DatumExt, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable,
     TypedRunnableModel,
 };
+use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 use tract_onnx::tract_hir::infer::Factoid;
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +217,37 @@ impl Model {
     pub fn classes(&self) -> usize {
         self.labels.len()
     }
+
+    /// The matrix-multiply kernels tract picked for this model on this CPU, with how many of
+    /// the model's products use each (a product may keep one kernel per shape mode).
+    pub fn kernels(&self) -> BTreeMap<String, usize> {
+        let mut kernels = BTreeMap::new();
+        for node in &self.plan.model().nodes {
+            if let Some(op) = node.op_as::<OptMatMul>() {
+                for kernel in &op.mmm {
+                    *kernels.entry(kernel.name().to_string()).or_default() += 1;
+                }
+            }
+        }
+        kernels
+    }
+
+    /// How many nodes of each operator the optimised model runs.
+    pub fn operators(&self) -> BTreeMap<String, usize> {
+        let mut operators = BTreeMap::new();
+        for node in &self.plan.model().nodes {
+            *operators.entry(node.op.name().to_string()).or_default() += 1;
+        }
+        operators
+    }
+}
+
+/// The instruction-set extensions tract detected on this CPU and chooses kernels by.
+pub fn cpu_features() -> Vec<&'static str> {
+    tract_linalg::isa::native()
+        .iter()
+        .map(|isa| isa.name())
+        .collect()
 }
 
 /// The input's 4 dimensions where they are fixed numbers (`None` for symbols like `batch`).

@@ -342,6 +342,8 @@ pub struct PatchPipeline {
     vertical: FilterTable,
     /// Horizontally resampled source rows: `rows × size × channels`.
     rows: Vec<f32>,
+    /// One output row of the vertical pass, `size × channels`.
+    accumulator: Vec<f32>,
     geometry: Option<Geometry>,
 }
 
@@ -363,6 +365,7 @@ impl PatchPipeline {
             horizontal: FilterTable::default(),
             vertical: FilterTable::default(),
             rows: Vec::new(),
+            accumulator: Vec::new(),
             geometry: None,
         })
     }
@@ -424,23 +427,35 @@ impl PatchPipeline {
         let rows = self.vertical.span().len();
         self.rows
             .resize(rows * size * self.config.channels as usize, 0.0);
+        self.accumulator
+            .resize(size * self.config.channels as usize, 0.0);
         self.geometry = Some(geometry);
     }
 
     /// Horizontal pass over the source rows the vertical pass will read, converting channels
     /// on the way (both steps are linear, so their order does not change the result).
     fn resample_rows(&mut self, frame: &FrameRef) {
+        // One monomorphised loop per pixel format: no per-tap format dispatch.
+        match frame.format {
+            PixelFormat::Gray8 => self.resample_rows_of::<Gray8>(frame),
+            PixelFormat::Rgb8 => self.resample_rows_of::<Rgb8>(frame),
+            PixelFormat::Bgr8 => self.resample_rows_of::<Bgr8>(frame),
+        }
+    }
+
+    fn resample_rows_of<P: SourcePixel>(&mut self, frame: &FrameRef) {
         let size = self.config.image_size as usize;
         let channels = self.config.channels as usize;
         let span = self.vertical.span();
-        for (row_index, y) in span.enumerate() {
-            let src = frame.row(y);
-            let dst =
-                &mut self.rows[row_index * size * channels..(row_index + 1) * size * channels];
-            for x in 0..size {
+        let row_len = size * channels;
+        for (src_y, dst) in span.zip(self.rows.chunks_exact_mut(row_len)) {
+            let src = frame.row(src_y);
+            for (x, dst) in dst.chunks_exact_mut(channels).enumerate() {
                 let (first, weights) = self.horizontal.taps_of(x);
-                let pixel = resample_pixel(src, frame.format, first, weights);
-                let dst = &mut dst[x * channels..(x + 1) * channels];
+                // Taps past the row's end carry zero weight (short rows): leave them out.
+                let taps = weights.len().min(frame.width as usize - first);
+                let pixels = &src[first * P::BYTES..(first + taps) * P::BYTES];
+                let pixel = P::weighted_sum(pixels, &weights[..taps]);
                 if channels == 1 {
                     dst[0] = LUMA[0] * pixel[0] + LUMA[1] * pixel[1] + LUMA[2] * pixel[2];
                 } else {
@@ -450,62 +465,83 @@ impl PatchPipeline {
         }
     }
 
-    /// Vertical pass, then normalisation into planar `C×H×W`.
-    fn resample_columns(&self, out: &mut [f32]) {
+    /// Vertical pass, then normalisation into planar `C×H×W`. Rows are accumulated whole
+    /// (contiguous reads), each output still summing its taps in order.
+    fn resample_columns(&mut self, out: &mut [f32]) {
         let size = self.config.image_size as usize;
         let channels = self.config.channels as usize;
         let row_len = size * channels;
         let span = self.vertical.span();
         let plane = size * size;
+        let accumulator = &mut self.accumulator;
         for y in 0..size {
             let (first, weights) = self.vertical.taps_of(y);
-            for x in 0..size {
-                for c in 0..channels {
-                    let mut acc = 0.0;
-                    for (tap, w) in weights.iter().enumerate() {
-                        let row = first + tap;
-                        if row >= span.end {
-                            break;
-                        }
-                        acc += w * self.rows[(row - span.start) * row_len + x * channels + c];
-                    }
-                    out[c * plane + y * size + x] = acc * self.scale[c] + self.offset[c];
+            let taps = weights.len().min(span.end - first);
+            accumulator.fill(0.0);
+            for (tap, &w) in weights[..taps].iter().enumerate() {
+                let start = (first + tap - span.start) * row_len;
+                let row = &self.rows[start..start + row_len];
+                for (acc, &v) in accumulator.iter_mut().zip(row) {
+                    *acc += w * v;
+                }
+            }
+            for (x, pixel) in accumulator.chunks_exact(channels).enumerate() {
+                for (c, &value) in pixel.iter().enumerate() {
+                    out[c * plane + y * size + x] = value * self.scale[c] + self.offset[c];
                 }
             }
         }
     }
 }
 
-/// Weighted sum of `weights.len()` source pixels starting at `first`, as RGB (grey replicated).
+/// A packed 8-bit source pixel layout, read as RGB.
+trait SourcePixel {
+    const BYTES: usize;
+    /// `Σ weights[i] × pixel[i]` over consecutive pixels, as RGB (grey replicated).
+    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3];
+}
+
+struct Gray8;
+struct Rgb8;
+struct Bgr8;
+
+impl SourcePixel for Gray8 {
+    const BYTES: usize = 1;
+    #[inline]
+    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3] {
+        let mut acc = 0.0f32;
+        for (&w, &p) in weights.iter().zip(pixels) {
+            acc += w * p as f32;
+        }
+        [acc; 3]
+    }
+}
+
 #[inline]
-fn resample_pixel(row: &[u8], format: PixelFormat, first: usize, weights: &[f32]) -> [f32; 3] {
-    let width = row.len() / format.bytes_per_pixel();
+fn weighted_sum_rgb(pixels: &[u8], weights: &[f32], [r, g, b]: [usize; 3]) -> [f32; 3] {
     let mut acc = [0.0f32; 3];
-    for (tap, &w) in weights.iter().enumerate() {
-        let x = first + tap;
-        if x >= width || w == 0.0 {
-            continue;
-        }
-        match format {
-            PixelFormat::Gray8 => {
-                let v = w * row[x] as f32;
-                acc.iter_mut().for_each(|a| *a += v);
-            }
-            PixelFormat::Rgb8 => {
-                let p = &row[x * 3..x * 3 + 3];
-                acc[0] += w * p[0] as f32;
-                acc[1] += w * p[1] as f32;
-                acc[2] += w * p[2] as f32;
-            }
-            PixelFormat::Bgr8 => {
-                let p = &row[x * 3..x * 3 + 3];
-                acc[0] += w * p[2] as f32;
-                acc[1] += w * p[1] as f32;
-                acc[2] += w * p[0] as f32;
-            }
-        }
+    for (&w, p) in weights.iter().zip(pixels.chunks_exact(3)) {
+        acc[0] += w * p[r] as f32;
+        acc[1] += w * p[g] as f32;
+        acc[2] += w * p[b] as f32;
     }
     acc
+}
+
+impl SourcePixel for Rgb8 {
+    const BYTES: usize = 3;
+    #[inline]
+    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3] {
+        weighted_sum_rgb(pixels, weights, [0, 1, 2])
+    }
+}
+
+impl SourcePixel for Bgr8 {
+    const BYTES: usize = 3;
+    #[inline]
+    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3] {
+        weighted_sum_rgb(pixels, weights, [2, 1, 0])
+    }
 }
 
 #[cfg(test)]

@@ -149,6 +149,17 @@ fn info_and_bench_report_the_model() {
     assert_eq!(info["input"]["shape"], serde_json::json!([1, 1, 28, 28]));
     assert_eq!(info["labels"].as_array().unwrap().len(), 10);
     assert!(info["metadata"]["vit.labels"].is_string());
+    let kernels = info["tract"]["matmul_kernels"].as_object().unwrap();
+    assert!(
+        !kernels.is_empty(),
+        "the ViT's matrix products have kernels"
+    );
+    assert!(info["tract"]["operators"].as_object().unwrap().len() > 3);
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        !info["cpu"]["features"].as_array().unwrap().is_empty(),
+        "x86-64 CPUs have SIMD extensions tract knows"
+    );
 
     let bench = runtime(&["bench", "--runs", "5", "--warmup", "1", "--json"]);
     assert!(bench.status.success(), "{}", stderr(&bench));
@@ -162,4 +173,59 @@ fn info_and_bench_report_the_model() {
         );
         assert!(min > 0.0 && min <= median && median <= p99, "{part}: {s}");
     }
+}
+
+#[test]
+fn threads_change_speed_not_answers() {
+    let one = runtime(&["classify", &sample(), "--json", "--top-k", "10"]);
+    let two = runtime(&[
+        "classify",
+        &sample(),
+        "--json",
+        "--top-k",
+        "10",
+        "--threads",
+        "2",
+    ]);
+    assert!(two.status.success(), "{}", stderr(&two));
+    let parse = |o: &Output| -> Vec<(String, f64)> {
+        let v: serde_json::Value = serde_json::from_str(stdout(o).trim()).unwrap();
+        v["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["label"].as_str().unwrap().to_string(),
+                    p["probability"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (one, two) = (parse(&one), parse(&two));
+    assert_eq!(one[0].0, two[0].0);
+    for ((_, a), (_, b)) in one.iter().zip(&two) {
+        assert!((a - b).abs() < 1e-5, "{one:?} vs {two:?}");
+    }
+    let info = runtime(&["info", "--json", "--threads", "2"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["tract"]["threads"], 2);
+}
+
+#[test]
+fn eval_refuses_a_class_folder_the_model_does_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    for class in ["bag", "giraffe"] {
+        std::fs::create_dir(dir.path().join(class)).unwrap();
+        std::fs::copy(
+            repo("models/samples/frame.jpg"),
+            dir.path().join(class).join("a.jpg"),
+        )
+        .unwrap();
+    }
+    let output = runtime(&["eval", "--data", dir.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("\"giraffe\""), "{err}");
 }

@@ -21,6 +21,7 @@ fn trained_run(dir: &Path) -> std::path::PathBuf {
             ..Recipe::default()
         },
         augment: None,
+        crop_min_area: None,
         channels: None,
         mean: None,
         std: None,

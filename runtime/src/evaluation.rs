@@ -1,0 +1,211 @@
+//! Accuracy, per-class accuracy and the confusion matrix of a classifier on labelled images:
+//! `runtime eval` on the tract model, and `exporter eval` on the burn one, count the same way.
+
+use crate::classifier::{Classifier, ClassifyError};
+use crate::dataset::{DatasetError, ImageFolder};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Counts of (true class, predicted class) pairs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Confusion {
+    pub classes: Vec<String>,
+    /// `matrix[true][predicted]`.
+    pub matrix: Vec<Vec<usize>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClassAccuracy {
+    pub class: String,
+    pub count: usize,
+    pub accuracy: f64,
+}
+
+impl Confusion {
+    pub fn new(classes: Vec<String>) -> Confusion {
+        let n = classes.len();
+        Confusion {
+            classes,
+            matrix: vec![vec![0; n]; n],
+        }
+    }
+
+    pub fn add(&mut self, truth: usize, predicted: usize) {
+        self.matrix[truth][predicted] += 1;
+    }
+
+    pub fn count(&self) -> usize {
+        self.matrix.iter().flatten().sum()
+    }
+
+    pub fn correct(&self) -> usize {
+        (0..self.classes.len()).map(|c| self.matrix[c][c]).sum()
+    }
+
+    /// Fraction of images classified right (0 for no images).
+    pub fn accuracy(&self) -> f64 {
+        ratio(self.correct(), self.count())
+    }
+
+    pub fn per_class(&self) -> Vec<ClassAccuracy> {
+        self.classes
+            .iter()
+            .zip(&self.matrix)
+            .enumerate()
+            .map(|(c, (class, row))| {
+                let count = row.iter().sum();
+                ClassAccuracy {
+                    class: class.clone(),
+                    count,
+                    accuracy: ratio(row[c], count),
+                }
+            })
+            .collect()
+    }
+
+    /// One line per class: name, accuracy, image count.
+    pub fn per_class_text(&self) -> String {
+        self.per_class()
+            .iter()
+            .map(|c| {
+                format!(
+                    "  {:<20} {:>6.2}%  ({} images)\n",
+                    c.class,
+                    c.accuracy * 100.0,
+                    c.count
+                )
+            })
+            .collect()
+    }
+
+    /// The matrix as aligned text: a row per true class, a column per prediction.
+    pub fn text(&self) -> String {
+        let width = self
+            .matrix
+            .iter()
+            .flatten()
+            .map(|c| c.to_string().len())
+            .max()
+            .unwrap_or(1)
+            .max(3);
+        let name_width = self.classes.iter().map(|c| c.len()).max().unwrap_or(0);
+        let mut out = format!("{:name_width$}  ", "");
+        for c in 0..self.classes.len() {
+            out.push_str(&format!(" {c:>width$}"));
+        }
+        out.push('\n');
+        for (c, row) in self.matrix.iter().enumerate() {
+            out.push_str(&format!("{:name_width$}  ", self.classes[c]));
+            for count in row {
+                out.push_str(&format!(" {count:>width$}"));
+            }
+            out.push_str(&format!("   ({c})\n"));
+        }
+        out
+    }
+}
+
+fn ratio(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("no readable images in {0}")]
+    Empty(String),
+    #[error("{path}: {source}")]
+    Classify {
+        path: PathBuf,
+        source: ClassifyError,
+    },
+}
+
+/// An image that could not be decoded, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct SkippedImage {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FolderEvaluation {
+    pub accuracy: f64,
+    pub count: usize,
+    pub per_class: Vec<ClassAccuracy>,
+    pub confusion: Confusion,
+    pub skipped: Vec<SkippedImage>,
+}
+
+/// Classify every image of a folder-per-class dataset whose folder names are the model's
+/// labels (all or some). Undecodable images are skipped and listed; `on_image` is called after
+/// each image with the number done so far and the total.
+pub fn evaluate_folder(
+    classifier: &mut Classifier,
+    root: &Path,
+    mut on_image: impl FnMut(usize, usize),
+) -> Result<FolderEvaluation, EvalError> {
+    let folder = ImageFolder::scan(root)?.relabel(&classifier.model().labels)?;
+    let mut confusion = Confusion::new(folder.classes.clone());
+    let mut skipped = Vec::new();
+    for (done, item) in folder.items.iter().enumerate() {
+        match crate::decode_file(&item.path) {
+            Ok(image) => {
+                let top = classifier
+                    .classify_frame(&image.frame())
+                    .map_err(|source| EvalError::Classify {
+                        path: item.path.clone(),
+                        source,
+                    })?;
+                confusion.add(item.label, top[0].class);
+            }
+            Err(error) => {
+                log::warn!("skipping {}: {error}", item.path.display());
+                skipped.push(SkippedImage {
+                    path: item.path.clone(),
+                    reason: error.to_string(),
+                });
+            }
+        }
+        on_image(done + 1, folder.items.len());
+    }
+    if confusion.count() == 0 {
+        return Err(EvalError::Empty(root.display().to_string()));
+    }
+    Ok(FolderEvaluation {
+        accuracy: confusion.accuracy(),
+        count: confusion.count(),
+        per_class: confusion.per_class(),
+        confusion,
+        skipped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_accuracy_per_class_and_text() {
+        let mut confusion = Confusion::new(vec!["a".into(), "bb".into(), "c".into()]);
+        for (truth, predicted) in [(0, 0), (0, 1), (1, 1), (1, 1), (1, 2)] {
+            confusion.add(truth, predicted);
+        }
+        assert_eq!(confusion.count(), 5);
+        assert_eq!(confusion.correct(), 3);
+        assert!((confusion.accuracy() - 0.6).abs() < 1e-12);
+        let per_class = confusion.per_class();
+        assert_eq!(per_class[0].count, 2);
+        assert!((per_class[0].accuracy - 0.5).abs() < 1e-12);
+        assert!((per_class[1].accuracy - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!((per_class[2].count, per_class[2].accuracy), (0, 0.0));
+        let text = confusion.text();
+        assert_eq!(text.lines().count(), 4);
+        assert!(text.lines().nth(2).unwrap().starts_with("bb  "), "{text}");
+    }
+}
