@@ -2,6 +2,30 @@
 //!
 //! The preprocessing here is the single definition of "the pixels the model sees": the
 //! exporter's training data loader calls the same [`PatchPipeline`].
+//!
+//! A camera loop: load once, then classify borrowed frames (any size, any row stride) without
+//! allocating. [`Model::load`] takes a file; here the model embedded in the crate.
+//!
+//! ```
+//! use runtime::{Classifier, FrameRef, Model, ModelOptions, PixelFormat};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bytes = runtime::embedded::DEFAULT_MODEL.expect("built with feature embedded-model");
+//! let mut classifier = Classifier::new(Model::from_bytes(bytes, &ModelOptions::default())?, 3)?;
+//!
+//! // A 640×480 BGR frame whose rows are padded to 2048 bytes, as capture buffers often are.
+//! let buffer = vec![128u8; 2048 * 480];
+//! let frame = FrameRef { data: &buffer, width: 640, height: 480, stride: 2048, format: PixelFormat::Bgr8 };
+//! for _ in 0..3 {
+//!     let top = classifier.classify_frame(&frame)?;
+//!     let best = top[0];
+//!     println!("{} {:.1}%", classifier.label(best.class), best.probability * 100.0);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! C and C++ programs use the same classifier through [`ffi`] and `include/vit_runtime.h`.
 
 pub mod atomic_file;
 pub mod classifier;
@@ -9,6 +33,7 @@ pub mod dataset;
 pub mod decode;
 pub mod embedded;
 pub mod evaluation;
+pub mod ffi;
 pub mod metadata;
 pub mod model;
 pub mod preprocess;
