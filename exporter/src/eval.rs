@@ -2,18 +2,16 @@
 
 use crate::data::{DataError, ImageFolder, ImageSet, PreparedSet};
 use crate::training::{TrainError, evaluate, load_run};
-use runtime::evaluation::{ClassAccuracy, Confusion};
+use runtime::evaluation::{Confusion, Summary};
 use serde::Serialize;
 use std::path::Path;
 
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
-    pub accuracy: f64,
     pub loss: f64,
-    pub count: usize,
     pub skipped: usize,
-    pub per_class: Vec<ClassAccuracy>,
-    pub confusion: Confusion,
+    #[serde(flatten)]
+    pub summary: Summary,
 }
 
 /// Evaluate the run's best weights on a folder-per-class dataset whose class names are the
@@ -35,11 +33,8 @@ pub fn eval_run(run_dir: &Path, data: &Path, batch_size: usize) -> Result<EvalRe
         matrix: evaluation.confusion,
     };
     Ok(EvalReport {
-        accuracy: evaluation.accuracy,
         loss: evaluation.loss,
-        count: evaluation.count,
         skipped: set.skipped.len(),
-        per_class: confusion.per_class(),
-        confusion,
+        summary: confusion.into(),
     })
 }

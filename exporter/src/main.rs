@@ -295,11 +295,11 @@ fn eval(args: EvalArgs) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     runtime::write_atomic(
         &out.join("confusion.txt"),
-        report.confusion.text().as_bytes(),
+        report.summary.confusion.text().as_bytes(),
     )?;
     exporter::plots::confusion_matrix(
-        &report.confusion.matrix,
-        &report.confusion.classes,
+        &report.summary.confusion.matrix,
+        &report.summary.confusion.classes,
         &out.join("confusion.png"),
     )
     .map_err(anyhow::Error::msg)?;
@@ -309,15 +309,15 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     println!(
         "accuracy {:.2}% on {} images (loss {:.4})",
-        report.accuracy * 100.0,
-        report.count,
+        report.summary.accuracy * 100.0,
+        report.summary.count,
         report.loss
     );
     if report.skipped > 0 {
         println!("skipped {} unreadable images", report.skipped);
     }
-    print!("{}", report.confusion.per_class_text());
-    println!("\n{}", report.confusion.text());
+    print!("{}", report.summary.confusion.per_class_text());
+    println!("\n{}", report.summary.confusion.text());
     println!("confusion matrix: {}", out.join("confusion.png").display());
     Ok(())
 }

@@ -133,12 +133,30 @@ pub struct SkippedImage {
     pub reason: String,
 }
 
+/// A confusion matrix with the figures read off it, as reports print and serialise them.
 #[derive(Clone, Debug, Serialize)]
-pub struct FolderEvaluation {
+pub struct Summary {
     pub accuracy: f64,
     pub count: usize,
     pub per_class: Vec<ClassAccuracy>,
     pub confusion: Confusion,
+}
+
+impl From<Confusion> for Summary {
+    fn from(confusion: Confusion) -> Summary {
+        Summary {
+            accuracy: confusion.accuracy(),
+            count: confusion.count(),
+            per_class: confusion.per_class(),
+            confusion,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FolderEvaluation {
+    #[serde(flatten)]
+    pub summary: Summary,
     pub skipped: Vec<SkippedImage>,
 }
 
@@ -178,10 +196,7 @@ pub fn evaluate_folder(
         return Err(EvalError::Empty(root.display().to_string()));
     }
     Ok(FolderEvaluation {
-        accuracy: confusion.accuracy(),
-        count: confusion.count(),
-        per_class: confusion.per_class(),
-        confusion,
+        summary: confusion.into(),
         skipped,
     })
 }

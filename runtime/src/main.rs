@@ -311,16 +311,16 @@ fn eval(args: &ModelArgs, data: &Path, json: bool) -> Result<()> {
     }
     println!(
         "accuracy {:.2}% on {} images ({} right) · {source} · {:.1} s",
-        report.accuracy * 100.0,
-        report.count,
-        report.confusion.correct(),
+        report.summary.accuracy * 100.0,
+        report.summary.count,
+        report.summary.confusion.correct(),
         seconds
     );
     for skipped in &report.skipped {
         println!("skipped {}: {}", skipped.path.display(), skipped.reason);
     }
-    print!("{}", report.confusion.per_class_text());
-    println!("\n{}", report.confusion.text());
+    print!("{}", report.summary.confusion.per_class_text());
+    println!("\n{}", report.summary.confusion.text());
     Ok(())
 }
 

@@ -57,20 +57,20 @@ fn classifies_the_committed_test_images() {
     let mut classifier = Classifier::new(embedded_model(), 1).unwrap();
     let report = evaluate_folder(&mut classifier, &shipped("test-images"), |_, _| {}).unwrap();
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-    assert_eq!(report.count, 30, "three images of each class");
+    assert_eq!(report.summary.count, 30, "three images of each class");
     // The model scores 88.4 % on the 10k test images; 30 images sample that with a few points of
     // noise. A wrong model, label order or preprocessing lands far below (chance is 10 %).
     let wrong: Vec<String> = (0..CLASSES.len())
         .flat_map(|truth| {
-            let row = &report.confusion.matrix[truth];
+            let row = &report.summary.confusion.matrix[truth];
             (0..CLASSES.len())
                 .filter(move |&predicted| predicted != truth && row[predicted] > 0)
                 .map(move |predicted| format!("{} as {}", CLASSES[truth], CLASSES[predicted]))
         })
         .collect();
     assert!(
-        report.accuracy >= 0.85,
+        report.summary.accuracy >= 0.85,
         "{:.1} % right; misclassified: {wrong:?}",
-        report.accuracy * 100.0
+        report.summary.accuracy * 100.0
     );
 }
