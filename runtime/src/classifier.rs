@@ -94,6 +94,11 @@ impl Classifier {
         &self.logits
     }
 
+    /// The best predictions of the last frame (what [`Classifier::classify_frame`] returned).
+    pub fn top(&self) -> &TopK {
+        &self.top
+    }
+
     /// Softmax probabilities of the last frame, in class order.
     pub fn probabilities(&self) -> &[f32] {
         &self.probabilities

@@ -34,10 +34,14 @@ pub mod decode;
 pub mod embedded;
 pub mod evaluation;
 pub mod ffi;
+pub mod frame_source;
+pub mod latency;
 pub mod metadata;
 pub mod model;
 pub mod preprocess;
+pub mod stream;
 pub mod threads;
+pub mod yuv;
 
 pub use atomic_file::{write_atomic, write_atomic_with};
 pub use classifier::{Classifier, ClassifyError, FrameTimings, MAX_TOP_K, Prediction, TopK};
@@ -45,6 +49,9 @@ pub use decode::{DecodeError, DecodedImage, decode_bytes, decode_file};
 pub use model::{Model, ModelError, ModelOptions};
 pub use preprocess::{
     FrameRef, PatchPipeline, PixelFormat, PreprocessConfig, PreprocessError, Region, ResizeMode,
+};
+pub use stream::{
+    KeepPolicy, StreamConfig, StreamError, StreamEvent, StreamFormat, StreamSummary, run_stream,
 };
 pub use threads::set_threads;
 

@@ -3,9 +3,12 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use runtime::{Classifier, DecodedImage, Model, ModelOptions, PixelFormat, ResizeMode};
+use runtime::{
+    Classifier, DecodedImage, KeepPolicy, Model, ModelOptions, PixelFormat, ResizeMode,
+    StreamConfig, StreamError, StreamEvent, StreamFormat, StreamSummary,
+};
 use serde_json::json;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -74,6 +77,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Classify a live stream of frames from stdin, a file or a FIFO (ffmpeg, GStreamer, camera).
+    ///
+    /// Raw frames (rgb24, bgr24, gray8, yuv420p, nv12) are WIDTHxHEIGHT as given by --size;
+    /// mjpeg is a stream of concatenated JPEGs. Prints one line per classified frame (a JSON
+    /// object with --json), an error record for each bad frame (the stream goes on), and a
+    /// summary at the end of the input: on stderr, or as a last `{"summary": …}` line with
+    /// --json. Exits non-zero if any frame failed.
+    ///
+    /// Example: ffmpeg -f lavfi -i testsrc=size=640x480:rate=30 -f rawvideo -pix_fmt rgb24 - |
+    /// runtime stream --format rgb24 --size 640x480
+    Stream {
+        /// File or FIFO to read (default: stdin).
+        input: Option<PathBuf>,
+        /// rgb24, bgr24, gray8, yuv420p, nv12 (BT.601 limited range, as ffmpeg writes), mjpeg.
+        #[arg(long)]
+        format: StreamFormat,
+        /// Size of raw frames, e.g. 640x480 (not needed for mjpeg).
+        #[arg(long, value_name = "WIDTHxHEIGHT")]
+        size: Option<FrameSize>,
+        /// Classify every N-th frame; the others are read and skipped.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        every: u64,
+        /// When frames arrive faster than they are classified: `latest` classifies the newest
+        /// and drops (and counts) the older waiting ones; `all` makes the reader wait.
+        #[arg(long, default_value = "latest")]
+        keep: KeepPolicy,
+        /// Frame slots in the ring between the reader and inference (2..=16).
+        #[arg(long, default_value_t = 4)]
+        slots: usize,
+        /// Largest JPEG accepted in mjpeg input; bigger ones are error records.
+        #[arg(long, default_value_t = 16 << 20)]
+        max_jpeg_bytes: usize,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Predictions per frame.
+        #[arg(long, default_value_t = 1)]
+        top_k: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency per frame (preprocess, inference, total): min, median, p99.
     Bench {
         #[command(flatten)]
@@ -97,7 +140,7 @@ struct ModelArgs {
     model: Option<PathBuf>,
     /// Input side in pixels, for models whose metadata does not say.
     #[arg(long)]
-    size: Option<u32>,
+    input_size: Option<u32>,
     /// Input channels (1 or 3), for models whose metadata does not say.
     #[arg(long)]
     channels: Option<u32>,
@@ -130,7 +173,7 @@ impl ModelArgs {
     fn load(&self) -> Result<Loaded> {
         let threads = runtime::set_threads(self.threads)?;
         let options = ModelOptions {
-            image_size: self.size,
+            image_size: self.input_size,
             channels: self.channels,
             mean: self.mean.clone(),
             std: self.std.clone(),
@@ -203,6 +246,28 @@ fn run(cli: Cli) -> Result<bool> {
         } => {
             model.model = model_path.or(model.model);
             eval(&model, &data, json).map(|_| true)
+        }
+        Command::Stream {
+            input,
+            format,
+            size,
+            every,
+            keep,
+            slots,
+            max_jpeg_bytes,
+            model,
+            top_k,
+            json,
+        } => {
+            let FrameSize { width, height } = size.unwrap_or_default();
+            let config = StreamConfig {
+                every,
+                keep,
+                slots,
+                max_jpeg_bytes,
+                ..StreamConfig::new(format, width, height)
+            };
+            stream(input.as_deref(), &config, &model, top_k, json)
         }
         Command::Bench {
             model,
@@ -444,6 +509,197 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
     println!("kernels  {}", list(&kernels));
     println!("ops      {}", list(&operators));
     Ok(())
+}
+
+/// `WIDTHxHEIGHT` of raw stream frames.
+#[derive(Clone, Copy, Default)]
+struct FrameSize {
+    width: u32,
+    height: u32,
+}
+
+impl std::str::FromStr for FrameSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parsed = s
+            .split_once(['x', 'X'])
+            .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
+        match parsed {
+            Some((width, height)) if width > 0 && height > 0 => Ok(FrameSize { width, height }),
+            _ => Err(format!("expected WIDTHxHEIGHT such as 640x480, got {s:?}")),
+        }
+    }
+}
+
+fn stream(
+    input: Option<&Path>,
+    config: &StreamConfig,
+    args: &ModelArgs,
+    top_k: usize,
+    json: bool,
+) -> Result<bool> {
+    let reader: Box<dyn std::io::Read + Send> = match input {
+        None => Box::new(std::io::stdin()),
+        Some(path) if path == Path::new("-") => Box::new(std::io::stdin()),
+        Some(path) => Box::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        ),
+    };
+    let Loaded { model, .. } = args.load()?;
+    let mut classifier = Classifier::new(model, top_k)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let result = runtime::run_stream(&mut classifier, reader, config, |event, classifier| {
+        if json {
+            write_event_json(&mut out, event, classifier)?;
+        } else {
+            write_event_text(&mut out, event, classifier)?;
+        }
+        // Each record leaves at once: the reader of a pipe wants it now, not when 8 KB fill.
+        out.flush()
+    });
+    let summary = match result {
+        Ok(summary) => summary,
+        // The reader of our output went away (`| head`): a normal way to end a stream.
+        Err(StreamError::Stopped(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Ok(true);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        writeln!(out, "{}", json!({ "summary": summary }))?;
+        out.flush()?;
+    } else {
+        eprintln!("{}", summary_text(&summary));
+    }
+    Ok(summary.errors == 0)
+}
+
+/// One JSON line per event, written without building a `serde_json::Value` per frame.
+fn write_event_json(
+    out: &mut impl Write,
+    event: &StreamEvent<'_>,
+    classifier: &Classifier,
+) -> std::io::Result<()> {
+    match *event {
+        StreamEvent::Classified {
+            index,
+            arrival,
+            top,
+            latency,
+            decode,
+            timings,
+        } => {
+            let record = FrameRecord {
+                frame: index,
+                t_ms: ms(arrival),
+                top: TopRecord { top, classifier },
+                latency_ms: ms(latency),
+                decode_ms: ms(decode),
+                preprocess_ms: ms(timings.preprocess),
+                inference_ms: ms(timings.inference),
+            };
+            serde_json::to_writer(&mut *out, &record)?;
+        }
+        StreamEvent::Failed {
+            index,
+            arrival,
+            error,
+        } => {
+            let record = json!({"frame": index, "t_ms": ms(arrival), "error": error.to_string()});
+            serde_json::to_writer(&mut *out, &record)?;
+        }
+    }
+    out.write_all(b"\n")
+}
+
+#[derive(serde::Serialize)]
+struct FrameRecord<'a> {
+    frame: u64,
+    t_ms: f64,
+    top: TopRecord<'a>,
+    latency_ms: f64,
+    decode_ms: f64,
+    preprocess_ms: f64,
+    inference_ms: f64,
+}
+
+struct TopRecord<'a> {
+    top: &'a runtime::TopK,
+    classifier: &'a Classifier,
+}
+
+impl serde::Serialize for TopRecord<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        #[derive(serde::Serialize)]
+        struct Entry<'a> {
+            label: &'a str,
+            class: usize,
+            probability: f32,
+        }
+        let mut seq = serializer.serialize_seq(Some(self.top.len()))?;
+        for p in self.top {
+            seq.serialize_element(&Entry {
+                label: self.classifier.label(p.class),
+                class: p.class,
+                probability: p.probability,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+fn write_event_text(
+    out: &mut impl Write,
+    event: &StreamEvent<'_>,
+    classifier: &Classifier,
+) -> std::io::Result<()> {
+    match *event {
+        StreamEvent::Classified {
+            index,
+            arrival,
+            top,
+            latency,
+            ..
+        } => {
+            write!(out, "frame {index} @ {:.1} ms:", ms(arrival))?;
+            for p in top {
+                write!(
+                    out,
+                    " {} {:.1}%",
+                    classifier.label(p.class),
+                    p.probability * 100.0
+                )?;
+            }
+            writeln!(out, "  [{:.2} ms]", ms(latency))
+        }
+        StreamEvent::Failed {
+            index,
+            arrival,
+            error,
+        } => writeln!(out, "frame {index} @ {:.1} ms: error: {error}", ms(arrival)),
+    }
+}
+
+fn summary_text(s: &StreamSummary) -> String {
+    let quantile = |q: Option<f64>| q.map_or("-".to_string(), |v| format!("{v:.2} ms"));
+    format!(
+        "{} frames read: {} classified, {} dropped, {} skipped, {} errors in {:.2} s ({:.1} frames/s)\n\
+         latency median {} (p99 {}), inference median {}; per frame: decode {:.2} ms, preprocess {:.2} ms, inference {:.2} ms",
+        s.frames_read,
+        s.classified,
+        s.dropped,
+        s.skipped,
+        s.errors,
+        s.seconds,
+        s.classified_per_second,
+        quantile(s.latency_ms.median),
+        quantile(s.latency_ms.p99),
+        quantile(s.inference_ms.median),
+        s.mean_stage_ms.decode,
+        s.mean_stage_ms.preprocess,
+        s.mean_stage_ms.inference,
+    )
 }
 
 fn tract_version() -> &'static str {
