@@ -35,7 +35,7 @@ pub enum ExportError {
     #[error("tract cannot run the exported graph: {0}")]
     Tract(String),
     #[error(
-        "verification failed: tract's logits differ from burn's by {diff:.3e} (> {TOLERANCE:.0e}) at batch {batch}"
+        "verification failed: tract's outputs differ from burn's by {diff:.3e} (> {TOLERANCE:.0e}) at batch {batch}"
     )]
     Mismatch { diff: f32, batch: usize },
     #[error("cannot write {path}: {source}")]
@@ -52,17 +52,40 @@ pub struct ExportReport {
     pub opset: i64,
     pub parameters: usize,
     pub op_histogram: BTreeMap<String, usize>,
-    /// Max |tract − burn| over the logits, per verified batch size.
+    /// Max |tract − burn| over every output (logits, and attention maps when exported), per
+    /// verified batch size.
     pub max_abs_diff: Vec<(usize, f32)>,
+    pub attention_outputs: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub opset: i64,
+    /// Dataset to take verification images from (default: the run's training data).
+    pub data: Option<PathBuf>,
+    /// Also output each block's attention weights averaged over heads, `attention.{block}`
+    /// of shape `[batch, tokens, tokens]`, for `runtime explain`. Off by default: the plain
+    /// graph computes logits only.
+    pub with_attention: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            opset: DEFAULT_OPSET,
+            data: None,
+            with_attention: false,
+        }
+    }
 }
 
 /// Export the run's best weights to `out`.
 pub fn export(
     run_dir: &Path,
     out: &Path,
-    opset: i64,
-    data: Option<&Path>,
+    options: &ExportOptions,
 ) -> Result<ExportReport, ExportError> {
+    let opset = options.opset;
     if !(17..=21).contains(&opset) {
         return Err(ExportError::Opset(opset));
     }
@@ -71,15 +94,25 @@ pub fn export(
     let best: Option<BestCheckpoint> = std::fs::read_to_string(run_dir.join("best.json"))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok());
-    let metadata = metadata_for(&config, best.as_ref());
-    let graph = build_graph(&config, &model, opset);
+    let mut metadata = metadata_for(&config, best.as_ref());
+    if options.with_attention {
+        metadata.push((metadata::ATTENTION.into(), ATTENTION_LAYOUT.into()));
+    }
+    let graph = build_graph(&config, &model, opset, options.with_attention);
     let proto = graph.finish(opset, env!("CARGO_PKG_VERSION"), metadata);
     let bytes = encode(&proto);
 
-    let images = verification_images(&config, data)?;
+    let images = verification_images(&config, options.data.as_deref())?;
     let mut max_abs_diff = Vec::new();
     for batch in [1, images.len().min(3)] {
-        let diff = verify(&bytes, &model, &images, batch, &device)?;
+        let diff = verify(
+            &bytes,
+            &model,
+            &images,
+            batch,
+            &device,
+            options.with_attention,
+        )?;
         if diff > TOLERANCE {
             return Err(ExportError::Mismatch { diff, batch });
         }
@@ -102,8 +135,13 @@ pub fn export(
             .sum(),
         op_histogram: op_histogram(graph),
         max_abs_diff,
+        attention_outputs: graph.output.len() - 1,
     })
 }
+
+/// The value of the `vit.attention` metadata key: what the attention outputs hold.
+pub const ATTENTION_LAYOUT: &str =
+    "attention.{block}: [batch, tokens, tokens] softmax weights, mean over heads; token 0 is CLS";
 
 fn metadata_for(config: &TrainingConfig, best: Option<&BestCheckpoint>) -> Vec<(String, String)> {
     let p = &config.preprocess;
@@ -149,7 +187,12 @@ fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
         .expect("float tensor")
 }
 
-fn build_graph(config: &TrainingConfig, model: &VisionTransformer, opset: i64) -> GraphBuilder {
+fn build_graph(
+    config: &TrainingConfig,
+    model: &VisionTransformer,
+    opset: i64,
+    with_attention: bool,
+) -> GraphBuilder {
     let v = &config.model;
     let (d, p, c, s, heads) = (v.dim, v.patch_size, v.channels, v.image_size, v.heads);
     let head_dim = v.head_dim();
@@ -180,6 +223,8 @@ fn build_graph(config: &TrainingConfig, model: &VisionTransformer, opset: i64) -
         &[],
         vec![1.0 / (head_dim as f32).sqrt()],
     );
+    let head_axis = g.ints("const.head_axis", &[1], vec![1]);
+    let mut attention_maps = Vec::new();
     let (sqrt2, one, half) = (
         g.weight("const.sqrt2", &[], vec![std::f32::consts::SQRT_2]),
         g.weight("const.one", &[], vec![1.0]),
@@ -321,6 +366,23 @@ fn build_graph(config: &TrainingConfig, model: &VisionTransformer, opset: i64) -
             &[&scores],
             vec![("axis", Attr::Int(-1))],
         );
+        if with_attention {
+            let name = format!("attention.{i}");
+            let keep_dims = ("keepdims", Attr::Int(0));
+            // ReduceMean takes its axes as an input from opset 18, as an attribute before.
+            let mean = if opset >= 18 {
+                g.node(
+                    "ReduceMean",
+                    &name,
+                    &[&weights, &head_axis],
+                    vec![keep_dims],
+                )
+            } else {
+                let axes = ("axes", Attr::Ints(vec![1]));
+                g.node("ReduceMean", &name, &[&weights], vec![axes, keep_dims])
+            };
+            attention_maps.push(mean);
+        }
         let context = g.node(
             "MatMul",
             &format!("{b}.attn.context"),
@@ -405,6 +467,11 @@ fn build_graph(config: &TrainingConfig, model: &VisionTransformer, opset: i64) -
     let projected = g.node("MatMul", "head.matmul", &[&normed, &head_w], vec![]);
     g.node("Add", "logits", &[&projected, &head_b], vec![]);
     g.output("logits", &[Dim::Symbol("batch"), Dim::Fixed(v.num_classes)]);
+    let tokens = v.tokens();
+    for map in &attention_maps {
+        let shape = [Dim::Symbol("batch"), Dim::Fixed(tokens), Dim::Fixed(tokens)];
+        g.output(map, &shape);
+    }
     g
 }
 
@@ -484,13 +551,15 @@ fn verification_images(
     PreparedSet::new(&set, &config.preprocess).map_err(|e| no_images(e.to_string()))
 }
 
-/// Max |tract − burn| over the logits of the first `batch` images.
+/// Max |tract − burn| over the outputs (logits, then attention maps) of the first `batch`
+/// images.
 fn verify(
     bytes: &[u8],
     model: &VisionTransformer,
     images: &PreparedSet,
     batch: usize,
     device: &Device,
+    with_attention: bool,
 ) -> Result<f32, ExportError> {
     let p = &images.config;
     let (c, s) = (p.channels as usize, p.image_size as usize);
@@ -507,21 +576,39 @@ fn verify(
         .map_err(tract)?;
     let input = TractTensor::from_shape(&[batch, c, s, s], &pixels).map_err(tract)?;
     let outputs = runnable.run(tvec!(input.into())).map_err(tract)?;
-    let ours = outputs[0].to_plain_array_view::<f32>().map_err(tract)?;
     let input = Tensor::<4>::from_data(TensorData::new(pixels, [batch, c, s, s]), device);
-    let reference = values(model.forward(input));
-    if ours.len() != reference.len() {
+    let reference: Vec<Vec<f32>> = if with_attention {
+        let (logits, maps) = model.forward_with_attention(input);
+        std::iter::once(values(logits))
+            .chain(maps.into_iter().map(values))
+            .collect()
+    } else {
+        vec![values(model.forward(input))]
+    };
+    if outputs.len() != reference.len() {
         return Err(ExportError::Tract(format!(
-            "logits have {} values, burn's {}",
-            ours.len(),
+            "the graph has {} outputs, burn's model {}",
+            outputs.len(),
             reference.len()
         )));
     }
-    Ok(ours
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max))
+    let mut max_diff = 0.0f32;
+    for (ours, reference) in outputs.iter().zip(&reference) {
+        let ours = ours.to_plain_array_view::<f32>().map_err(tract)?;
+        if ours.len() != reference.len() {
+            return Err(ExportError::Tract(format!(
+                "an output has {} values, burn's {}",
+                ours.len(),
+                reference.len()
+            )));
+        }
+        max_diff = ours
+            .iter()
+            .zip(reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(max_diff, f32::max);
+    }
+    Ok(max_diff)
 }
 
 /// What `exporter inspect` prints about an ONNX file.

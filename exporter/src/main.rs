@@ -1,7 +1,7 @@
 //! `exporter`: train the tutorial's ViT on a folder of images, evaluate it, convert datasets.
 //! A thin layer over the `exporter` library: parse flags, call, print.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use exporter::Preset;
 use exporter::training::{self, EpochMetrics, ModelOverrides, NewRun, Progress, Recipe};
@@ -168,6 +168,10 @@ struct ExportArgs {
     /// Dataset to take verification images from (default: the run's training data).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Also output each block's attention map (softmax weights averaged over heads, named
+    /// `attention.N`), for `runtime explain`. The plain export computes logits only.
+    #[arg(long)]
+    with_attention: bool,
     #[arg(long)]
     json: bool,
 }
@@ -181,6 +185,21 @@ enum DataCommand {
         /// Folder with the four *-ubyte.gz files (default: Debian's dataset-fashion-mnist).
         #[arg(long, default_value = exporter::fashion_mnist::DEBIAN_DIR)]
         from: PathBuf,
+    },
+    /// A synthetic set to try the pipeline with nothing to download: each class is a bright
+    /// square in its own part of a noisy grey frame (OUT/class_<k>/<n>.png).
+    Squares {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        classes: usize,
+        #[arg(long, default_value_t = 100)]
+        per_class: usize,
+        /// Frame side in pixels.
+        #[arg(long, default_value_t = 144)]
+        size: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
 }
 
@@ -198,6 +217,25 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval(args),
         Command::Export(args) => export(args),
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Data(DataCommand::Squares {
+            out,
+            classes,
+            per_class,
+            size,
+            seed,
+        }) => {
+            if classes < 2 || per_class == 0 || size < 4 {
+                bail!("need at least 2 classes, 1 image per class and 4 px frames");
+            }
+            exporter::synthetic::write_dataset(&out, classes, per_class, size, size, seed)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} images of {size}x{size} px in {classes} classes to {}",
+                classes * per_class,
+                out.display()
+            );
+            Ok(())
+        }
         Command::Data(DataCommand::FashionMnist { out, from }) => {
             let bar = counter_bar(70_000, "converting");
             let converted = exporter::fashion_mnist::convert(&from, &out, &|n| bar.inc(n as u64))?;
@@ -326,7 +364,12 @@ fn export(args: ExportArgs) -> Result<()> {
     let out = args
         .out
         .unwrap_or_else(|| args.checkpoint.join("model.onnx"));
-    let report = exporter::export::export(&args.checkpoint, &out, args.opset, args.data.as_deref())
+    let options = exporter::export::ExportOptions {
+        opset: args.opset,
+        data: args.data,
+        with_attention: args.with_attention,
+    };
+    let report = exporter::export::export(&args.checkpoint, &out, &options)
         .with_context(|| format!("exporting {}", args.checkpoint.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -339,6 +382,9 @@ fn export(args: ExportArgs) -> Result<()> {
         report.opset,
         report.parameters
     );
+    if report.attention_outputs > 0 {
+        println!("  with {} attention outputs", report.attention_outputs);
+    }
     for (batch, diff) in &report.max_abs_diff {
         println!("  verified with tract at batch {batch}: max |tract - burn| = {diff:.2e}");
     }

@@ -194,6 +194,21 @@ impl VisionTransformer {
         self.head.forward(self.norm.forward(cls))
     }
 
+    /// Logits, and each block's attention weights averaged over heads (`[batch, tokens,
+    /// tokens]`, rows summing to 1): what `exporter export --with-attention` adds as outputs.
+    pub fn forward_with_attention(&self, images: Tensor<4>) -> (Tensor<2>, Vec<Tensor<3>>) {
+        let mut x = self.embed(images);
+        let [batch, _, dim] = x.dims();
+        let mut maps = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (next, weights) = block.forward_with_attention(x);
+            maps.push(weights.mean_dim(1).squeeze_dim(1));
+            x = next;
+        }
+        let cls = x.narrow(1, 0, 1).reshape([batch, dim]);
+        (self.head.forward(self.norm.forward(cls)), maps)
+    }
+
     /// Patchify, project, prepend CLS, add position: `[batch, tokens, dim]`.
     fn embed(&self, images: Tensor<4>) -> Tensor<3> {
         let [batch, channels, height, width] = images.dims();
@@ -233,12 +248,17 @@ impl EncoderBlock {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let attended = self
+        self.forward_with_attention(x).0
+    }
+
+    /// The block's output and its attention weights `[batch, heads, tokens, tokens]`.
+    pub fn forward_with_attention(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let (attended, weights) = self
             .attention
-            .forward(self.attention_norm.forward(x.clone()));
+            .forward_with_weights(self.attention_norm.forward(x.clone()));
         let x = x + self.dropout.forward(attended);
         let transformed = self.mlp.forward(self.mlp_norm.forward(x.clone()));
-        x + transformed
+        (x + transformed, weights)
     }
 }
 
@@ -263,6 +283,11 @@ impl SelfAttention {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with_weights(x).0
+    }
+
+    /// The attended tokens and the softmax weights `[batch, heads, tokens, tokens]`.
+    pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [batch, tokens, dim] = x.dims();
         let head_dim = dim / self.heads;
         let split_heads = |t: Tensor<3>| {
@@ -278,12 +303,14 @@ impl SelfAttention {
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (head_dim as f64).sqrt());
-        let weights = self.dropout.forward(softmax(scores, 3));
-        let context = weights
+        let weights = softmax(scores, 3);
+        let context = self
+            .dropout
+            .forward(weights.clone())
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, tokens, dim]);
-        self.output.forward(context)
+        (self.output.forward(context), weights)
     }
 }
 

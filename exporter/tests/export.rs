@@ -2,7 +2,7 @@
 //! clear failures on broken checkpoints.
 
 use exporter::Preset;
-use exporter::export::{self, ExportError};
+use exporter::export::{self, ExportError, ExportOptions};
 use exporter::training::{self, ModelOverrides, NewRun, Recipe};
 use std::path::{Path, PathBuf};
 
@@ -38,7 +38,7 @@ fn export_matches_burn_and_uses_standard_ops() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());
     let out = dir.path().join("model.onnx");
-    let report = export::export(&run, &out, 17, None).unwrap();
+    let report = export::export(&run, &out, &ExportOptions::default()).unwrap();
     let batches: Vec<usize> = report.max_abs_diff.iter().map(|(b, _)| *b).collect();
     assert_eq!(batches, vec![1, 3]);
     assert!(
@@ -79,7 +79,7 @@ fn metadata_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());
     let out = dir.path().join("model.onnx");
-    export::export(&run, &out, 17, None).unwrap();
+    export::export(&run, &out, &ExportOptions::default()).unwrap();
     let config: training::TrainingConfig =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     let meta = export::inspect(&out).unwrap().metadata;
@@ -112,7 +112,15 @@ fn opset_20_uses_the_gelu_op() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());
     let out = dir.path().join("model20.onnx");
-    let report = export::export(&run, &out, 20, None).unwrap();
+    let report = export::export(
+        &run,
+        &out,
+        &ExportOptions {
+            opset: 20,
+            ..ExportOptions::default()
+        },
+    )
+    .unwrap();
     assert!(report.max_abs_diff.iter().all(|(_, d)| *d <= 1e-4));
     assert_eq!(report.op_histogram.get("Gelu"), Some(&2));
     assert!(!report.op_histogram.contains_key("Erf"));
@@ -126,18 +134,18 @@ fn broken_checkpoints_fail_clearly_and_write_nothing() {
 
     let weights = std::fs::read(run.join("best.bpk")).unwrap();
     std::fs::write(run.join("best.bpk"), &weights[..weights.len() / 2]).unwrap();
-    let err = export::export(&run, &out, 17, None).unwrap_err();
+    let err = export::export(&run, &out, &ExportOptions::default()).unwrap_err();
     assert!(matches!(err, ExportError::Run(_)), "{err}");
     assert!(err.to_string().contains("best.bpk"), "{err}");
     assert!(!out.exists());
 
     std::fs::write(run.join("best.bpk"), b"garbage").unwrap();
-    let err = export::export(&run, &out, 17, None).unwrap_err();
+    let err = export::export(&run, &out, &ExportOptions::default()).unwrap_err();
     assert!(err.to_string().contains("best.bpk"), "{err}");
     assert!(!out.exists());
 
     std::fs::write(run.join("config.json"), b"{ not json").unwrap();
-    let err = export::export(&run, &out, 17, None).unwrap_err();
+    let err = export::export(&run, &out, &ExportOptions::default()).unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
     assert!(!out.exists());
     assert_eq!(
@@ -161,4 +169,29 @@ fn inspect_refuses_files_that_are_not_onnx() {
     std::fs::write(&path, b"hello, I am not a protobuf").unwrap();
     let err = export::inspect(&path).unwrap_err().to_string();
     assert!(err.contains("not an ONNX model"), "{err}");
+}
+
+#[test]
+fn attention_outputs_are_opt_in_and_match_burn() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run(dir.path());
+    for opset in [17, 18] {
+        let out = dir.path().join(format!("attention{opset}.onnx"));
+        let options = ExportOptions {
+            opset,
+            with_attention: true,
+            ..ExportOptions::default()
+        };
+        // The export verifies every output (logits and maps) against burn's.
+        let report = export::export(&run, &out, &options).unwrap();
+        assert!(report.max_abs_diff.iter().all(|(_, d)| *d <= 1e-4));
+        assert_eq!(report.attention_outputs, 2);
+        assert_eq!(report.op_histogram.get("ReduceMean"), Some(&2));
+        let info = export::inspect(&out).unwrap();
+        let names: Vec<&str> = info.outputs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["logits", "attention.0", "attention.1"]);
+        // 16 px, patch 4: 16 patches and CLS.
+        assert_eq!(info.outputs[1].1, ["batch", "17", "17"]);
+        assert!(info.metadata.contains_key(runtime::metadata::ATTENTION));
+    }
 }

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use runtime::explain::{Explainer, Method};
 use runtime::{
     Classifier, DecodedImage, KeepPolicy, Model, ModelOptions, PixelFormat, ResizeMode,
     StreamConfig, StreamError, StreamEvent, StreamFormat, StreamSummary,
@@ -117,6 +118,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where the model looked: an attention heat map over the image, with the top-1 label.
+    ///
+    /// Needs a model exported with `exporter export --with-attention` (the shipped default
+    /// model has its attention outputs). `rollout` multiplies the blocks' attention (with the
+    /// residual path) from the last block down to the patches; `last-layer` shows what the
+    /// last block's CLS token attends to.
+    Explain {
+        image: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// rollout or last-layer.
+        #[arg(long, default_value = "rollout")]
+        method: Method,
+        /// The overlay PNG (the input's size).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Also save every block's CLS attention, side by side, as one PNG.
+        #[arg(long, value_name = "PNG")]
+        grid: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency per frame (preprocess, inference, total): min, median, p99.
     Bench {
         #[command(flatten)]
@@ -171,6 +194,11 @@ struct Loaded {
 
 impl ModelArgs {
     fn load(&self) -> Result<Loaded> {
+        self.load_with(false)
+    }
+
+    /// Load, keeping the model's attention outputs if `attention`.
+    fn load_with(&self, attention: bool) -> Result<Loaded> {
         let threads = runtime::set_threads(self.threads)?;
         let options = ModelOptions {
             image_size: self.input_size,
@@ -183,6 +211,7 @@ impl ModelArgs {
                 .as_deref()
                 .map(ModelOptions::labels_from_file)
                 .transpose()?,
+            attention,
         };
         let started = Instant::now();
         let (model, source) = match &self.model {
@@ -269,6 +298,14 @@ fn run(cli: Cli) -> Result<bool> {
             };
             stream(input.as_deref(), &config, &model, top_k, json)
         }
+        Command::Explain {
+            image,
+            model,
+            method,
+            out,
+            grid,
+            json,
+        } => explain(&image, &model, method, &out, grid.as_deref(), json).map(|_| true),
         Command::Bench {
             model,
             image,
@@ -509,6 +546,70 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
     println!("kernels  {}", list(&kernels));
     println!("ops      {}", list(&operators));
     Ok(())
+}
+
+fn explain(
+    image_path: &Path,
+    args: &ModelArgs,
+    method: Method,
+    out: &Path,
+    grid: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let image = runtime::decode_file(image_path)
+        .with_context(|| format!("reading {}", image_path.display()))?;
+    let Loaded { model, source, .. } = args.load_with(true)?;
+    let mut explainer = Explainer::new(model)?;
+    let explanation = explainer.explain(&image.frame())?;
+    let best = explanation.top(1)[0];
+    let label = &explainer.model().labels[best.class];
+    let caption = format!("{label} {:.0}%", best.probability * 100.0);
+    let resize = explainer.model().preprocess.resize;
+    let region = runtime::Region::for_mode(resize, image.width, image.height);
+    let map = explanation.map(method);
+    let overlay = runtime::overlay::render(&image, region, &map, Some(&caption));
+    write_png(out, &overlay)?;
+    if let Some(grid) = grid {
+        let pictures: Vec<_> = explanation
+            .layer_maps()
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                let caption = format!("block {i}");
+                runtime::overlay::render(&image, region, layer, Some(&caption))
+            })
+            .collect();
+        write_png(grid, &runtime::overlay::tile(&pictures))?;
+    }
+    if json {
+        println!(
+            "{}",
+            json!({
+                "image": image_path, "model": source, "method": method.name(),
+                "top": {"label": label, "class": best.class, "probability": best.probability},
+                "overlay": out, "grid": grid, "layers": explanation.layers.len(),
+                "map": {"side": map.side, "values": map.values},
+            })
+        );
+    } else {
+        println!(
+            "{}: {caption} · {method} over {} blocks → {}{}",
+            image_path.display(),
+            explanation.layers.len(),
+            out.display(),
+            grid.map_or(String::new(), |g| format!(", per block → {}", g.display()))
+        );
+    }
+    Ok(())
+}
+
+fn write_png(path: &Path, picture: &image::RgbImage) -> Result<()> {
+    runtime::write_atomic_with(path, |file| {
+        picture
+            .write_to(file, image::ImageFormat::Png)
+            .map_err(std::io::Error::other)
+    })
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `WIDTHxHEIGHT` of raw stream frames.

@@ -25,3 +25,6 @@ pub const PRODUCER: &str = "vit.producer";
 /// Validation accuracy (0–1) of the exported checkpoint, and its epoch.
 pub const VAL_ACCURACY: &str = "vit.val_accuracy";
 pub const VAL_EPOCH: &str = "vit.val_epoch";
+/// Present when the graph also outputs `attention.{block}` (`[batch, tokens, tokens]`, each
+/// block's softmax weights averaged over heads, token 0 = CLS) for `runtime explain`.
+pub const ATTENTION: &str = "vit.attention";

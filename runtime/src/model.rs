@@ -32,6 +32,10 @@ pub enum ModelError {
     Mismatch(String),
     #[error("tract cannot prepare the model: {0}")]
     Tract(String),
+    #[error(
+        "the model has no attention outputs: export it with `exporter export --with-attention` (the shipped model has them)"
+    )]
+    NoAttention,
 }
 
 /// What the caller knows about a model that its metadata may lack (third-party exports).
@@ -44,6 +48,9 @@ pub struct ModelOptions {
     pub std: Option<Vec<f32>>,
     pub resize: Option<ResizeMode>,
     pub labels: Option<Vec<String>>,
+    /// Keep the `attention.N` outputs (for `runtime explain`). Otherwise only the logits are
+    /// computed, whatever else the file outputs.
+    pub attention: bool,
 }
 
 impl ModelOptions {
@@ -70,6 +77,8 @@ pub struct Model {
     pub labels: Vec<String>,
     pub input_name: String,
     pub output_name: String,
+    /// Attention maps the plan outputs after the logits (0 unless asked for).
+    pub attention_layers: usize,
     /// `onnx.metadata_props` of the file, by key.
     pub metadata: BTreeMap<String, String>,
 }
@@ -115,7 +124,7 @@ impl Model {
             .image_size
             .or(declared[2].filter(|h| declared[3] == Some(*h)))
             .or(parse(&metadata, key::IMAGE_SIZE)?)
-            .ok_or(ModelError::Missing("input size", "size"))?;
+            .ok_or(ModelError::Missing("input size", "input-size"))?;
         for (axis, name, want) in [
             (1, "channels", channels),
             (2, "height", image_size),
@@ -175,10 +184,24 @@ impl Model {
             .node(model.input_outlets().map_err(tract)?[0].node)
             .name
             .clone();
-        let output_name = model
-            .node(model.output_outlets().map_err(tract)?[0].node)
-            .name
-            .clone();
+        let outlets = model.output_outlets().map_err(tract)?.to_vec();
+        let output_name = model.node(outlets[0].node).name.clone();
+        // Outputs beyond the logits (attention maps) cost time: keep them only when asked.
+        let mut keep = vec![outlets[0]];
+        if options.attention {
+            let attention = graph
+                .output
+                .iter()
+                .zip(&outlets)
+                .filter(|(info, _)| info.name.starts_with("attention."))
+                .map(|(_, outlet)| *outlet);
+            keep.extend(attention);
+            if keep.len() == 1 {
+                return Err(ModelError::NoAttention);
+            }
+        }
+        let attention_layers = keep.len() - 1;
+        model.select_output_outlets(&keep).map_err(tract)?;
         let optimized = model.into_optimized().map_err(tract)?;
         let output = optimized.output_fact(0).map_err(tract)?;
         let classes = match output.shape.as_concrete() {
@@ -210,6 +233,7 @@ impl Model {
             labels,
             input_name,
             output_name,
+            attention_layers,
             metadata,
         })
     }

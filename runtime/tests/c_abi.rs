@@ -1,12 +1,11 @@
 //! The C ABI from C: `tests/c/classify.c`, compiled with `cc` against libruntime.so, gives the
 //! CLI's answer on the same frame and fails cleanly on each bad call.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::repo;
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn a_c_program_gets_the_clis_answer_and_clear_errors() {

@@ -1,13 +1,12 @@
 //! `runtime stream` end to end: records, error records and the summary for piped frames, and
 //! the README's ffmpeg/GStreamer recipes run as written (`.ci/run` installs both tools).
 
+mod common;
+use common::{repo, stderr};
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
 
 /// Run `runtime stream ARGS` with `input` on stdin.
 fn stream(args: &[&str], input: Vec<u8>) -> Output {
@@ -38,10 +37,6 @@ fn records(output: &Output) -> (Vec<serde_json::Value>, serde_json::Value) {
     let summary = lines.pop().expect("a summary line")["summary"].clone();
     assert!(summary.is_object(), "the last line is the summary");
     (lines, summary)
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// The committed Fashion-MNIST test PNGs, upscaled and encoded as JPEG like a camera would.

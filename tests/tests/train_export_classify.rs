@@ -1,8 +1,9 @@
 //! The whole product on a tiny model: train (burn) → export (ONNX) → classify (tract runtime),
 //! giving burn's answer; and a third-party-style file without metadata, driven by options.
 
+use exporter::Preset;
+use exporter::export::{self, ExportOptions};
 use exporter::training::{self, ModelOverrides, NewRun, Recipe};
-use exporter::{Preset, export};
 use runtime::{Classifier, Model, ModelOptions};
 use std::path::Path;
 
@@ -74,7 +75,7 @@ fn runtime_gives_burns_answer_on_an_exported_model() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());
     let onnx = dir.path().join("model.onnx");
-    export::export(&run, &onnx, 17, None).unwrap();
+    export::export(&run, &onnx, &ExportOptions::default()).unwrap();
     let model = Model::load(&onnx, &ModelOptions::default()).unwrap();
     assert_eq!(model.labels, vec!["class_0", "class_1", "class_2"]);
     let mut classifier = Classifier::new(model, 3).unwrap();
@@ -99,7 +100,7 @@ fn a_model_without_metadata_runs_with_options() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());
     let with_metadata = dir.path().join("model.onnx");
-    export::export(&run, &with_metadata, 17, None).unwrap();
+    export::export(&run, &with_metadata, &ExportOptions::default()).unwrap();
 
     // Strip the metadata, as a torch.onnx export would come.
     let mut proto = exporter::onnx_graph::decode(&std::fs::read(&with_metadata).unwrap()).unwrap();
@@ -166,4 +167,54 @@ fn a_model_whose_input_is_not_an_image_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not an image tensor"), "{err}");
+}
+
+#[test]
+fn a_trained_models_attention_map_is_not_uniform() {
+    use runtime::explain::{Explainer, Method};
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run(dir.path());
+    let onnx = dir.path().join("model.onnx");
+    let options = ExportOptions {
+        with_attention: true,
+        ..ExportOptions::default()
+    };
+    export::export(&run, &onnx, &options).unwrap();
+
+    // Without asking for them, the attention outputs are pruned; asking for them on a plain
+    // export is a clear error.
+    let plain = Model::load(&onnx, &ModelOptions::default()).unwrap();
+    assert_eq!(plain.attention_layers, 0);
+    let attention = ModelOptions {
+        attention: true,
+        ..ModelOptions::default()
+    };
+    let mut explainer = Explainer::new(Model::load(&onnx, &attention).unwrap()).unwrap();
+    let logits_only = dir.path().join("plain.onnx");
+    export::export(&run, &logits_only, &ExportOptions::default()).unwrap();
+    let err = Model::load(&logits_only, &attention).unwrap_err();
+    assert!(err.to_string().contains("--with-attention"), "{err}");
+
+    let mut classifier = Classifier::new(plain, 1).unwrap();
+    for image in images(dir.path()) {
+        let decoded = runtime::decode_file(&image).unwrap();
+        let explanation = explainer.explain(&decoded.frame()).unwrap();
+        // The same logits as the plain classifier path.
+        classifier.classify_frame(&decoded.frame()).unwrap();
+        let diff = classifier
+            .logits()
+            .iter()
+            .zip(&explanation.logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "{diff}");
+        assert_eq!(explanation.layers.len(), 2);
+        for method in [Method::Rollout, Method::LastLayer] {
+            let map = explanation.map(method);
+            assert_eq!(map.side, 4, "16 px in patches of 4");
+            let max = map.values.iter().copied().fold(f32::MIN, f32::max);
+            let min = map.values.iter().copied().fold(f32::MAX, f32::min);
+            assert!(max > 1.2 * min, "{method}: a flat map {:?}", map.values);
+        }
+    }
 }

@@ -1,0 +1,241 @@
+//! Where the model looked: attention maps from a model exported with `--with-attention`.
+//!
+//! Each `attention.N` output holds block N's softmax weights averaged over heads,
+//! `[1, tokens, tokens]`, token 0 being CLS. Two readings of them:
+//! - last layer: the CLS row of the last block, without the CLS column;
+//! - rollout (Abnar & Zuidema 2020): each block's `A + I` with rows renormalised (the residual
+//!   path), multiplied through the blocks; the CLS row of the product.
+
+use crate::classifier::{ClassifyError, TopK, softmax_into, top_k_into};
+use crate::model::{Model, ModelError};
+use crate::overlay::PatchMap;
+use crate::preprocess::{FrameRef, PatchPipeline};
+use std::fmt;
+use std::str::FromStr;
+use tract_onnx::prelude::{Tensor, tvec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Method {
+    #[default]
+    Rollout,
+    LastLayer,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rollout => "rollout",
+            Method::LastLayer => "last-layer",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = ExplainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rollout" => Ok(Method::Rollout),
+            "last-layer" => Ok(Method::LastLayer),
+            other => Err(ExplainError::Method(other.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
+    #[error("unknown method {0:?} (expected rollout or last-layer)")]
+    Method(String),
+    #[error("attention output {index} is {reason}")]
+    BadAttention { index: usize, reason: String },
+}
+
+/// One frame's logits and attention, as the model computed them.
+#[derive(Clone, Debug)]
+pub struct Explanation {
+    pub logits: Vec<f32>,
+    pub probabilities: Vec<f32>,
+    /// Per block, the `tokens × tokens` head-averaged attention, row-major.
+    pub layers: Vec<Vec<f32>>,
+    pub tokens: usize,
+}
+
+impl Explanation {
+    pub fn top(&self, k: usize) -> TopK {
+        let mut top = TopK::new();
+        top_k_into(&self.probabilities, k.min(crate::MAX_TOP_K), &mut top);
+        top
+    }
+
+    /// The patch map of `method`.
+    pub fn map(&self, method: Method) -> PatchMap {
+        let layers: Vec<&[f32]> = self.layers.iter().map(Vec::as_slice).collect();
+        let values = match method {
+            Method::Rollout => rollout(&layers, self.tokens),
+            Method::LastLayer => cls_row(layers[layers.len() - 1], self.tokens),
+        };
+        PatchMap::new(values).expect("checked square when explained")
+    }
+
+    /// Each block's own CLS attention (the `--grid` pictures).
+    pub fn layer_maps(&self) -> Vec<PatchMap> {
+        self.layers
+            .iter()
+            .map(|layer| PatchMap::new(cls_row(layer, self.tokens)).expect("checked square"))
+            .collect()
+    }
+}
+
+/// What the CLS token attends to, over the patches.
+fn cls_row(attention: &[f32], tokens: usize) -> Vec<f32> {
+    attention[1..tokens].to_vec()
+}
+
+/// Attention rollout's CLS row over the patches, for `layers` of `tokens × tokens` row-major
+/// attention (first block first).
+///
+/// Only the CLS row of the product is needed, so it is carried from the last block down as a
+/// row vector: `O(layers × tokens²)` instead of `O(layers × tokens³)`.
+pub fn rollout(layers: &[&[f32]], tokens: usize) -> Vec<f32> {
+    let n = tokens;
+    let mut row = vec![0.0f32; n];
+    row[0] = 1.0;
+    let mut next = vec![0.0f32; n];
+    for attention in layers.iter().rev() {
+        next.fill(0.0);
+        for (i, &weight) in row.iter().enumerate() {
+            if weight == 0.0 {
+                continue;
+            }
+            let a = &attention[i * n..(i + 1) * n];
+            let total: f32 = a.iter().sum::<f32>() + 1.0;
+            for (j, (out, &v)) in next.iter_mut().zip(a).enumerate() {
+                let residual = if i == j { 1.0 } else { 0.0 };
+                *out += weight * (v + residual) / total;
+            }
+        }
+        std::mem::swap(&mut row, &mut next);
+    }
+    row[1..].to_vec()
+}
+
+/// Runs a model with attention outputs on frames.
+pub struct Explainer {
+    model: Model,
+    pipeline: PatchPipeline,
+    input: Vec<f32>,
+}
+
+impl Explainer {
+    /// `model` must be loaded with [`crate::ModelOptions::attention`] set.
+    pub fn new(model: Model) -> Result<Explainer, ExplainError> {
+        if model.attention_layers == 0 {
+            return Err(ModelError::NoAttention.into());
+        }
+        Ok(Explainer {
+            pipeline: PatchPipeline::new(model.preprocess.clone()).map_err(ClassifyError::from)?,
+            input: vec![0.0; model.preprocess.tensor_len()],
+            model,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn explain(&mut self, frame: &FrameRef) -> Result<Explanation, ExplainError> {
+        self.pipeline
+            .run(frame, &mut self.input)
+            .map_err(ClassifyError::from)?;
+        let p = &self.model.preprocess;
+        let side = p.image_size as usize;
+        let inference = |e: tract_onnx::prelude::TractError| {
+            ExplainError::Classify(ClassifyError::Inference(format!("{e:#}")))
+        };
+        let input = Tensor::from_shape(&[1, p.channels as usize, side, side], &self.input)
+            .map_err(inference)?;
+        let outputs = self
+            .model
+            .plan
+            .run(tvec!(input.into()))
+            .map_err(inference)?;
+        let read = |index: usize| -> Result<Vec<f32>, ExplainError> {
+            let view = outputs[index].to_plain_array_view::<f32>().map_err(|e| {
+                ExplainError::BadAttention {
+                    index,
+                    reason: e.to_string(),
+                }
+            })?;
+            Ok(view.iter().copied().collect())
+        };
+        let logits = read(0)?;
+        let mut probabilities = vec![0.0; logits.len()];
+        softmax_into(&logits, &mut probabilities);
+        let mut layers = Vec::with_capacity(self.model.attention_layers);
+        let mut tokens = 0;
+        for index in 1..=self.model.attention_layers {
+            let shape = outputs[index].shape().to_vec();
+            let bad = |reason: String| ExplainError::BadAttention {
+                index: index - 1,
+                reason,
+            };
+            match shape[..] {
+                [1, n, m] if n == m && n > 1 => tokens = n,
+                _ => return Err(bad(format!("shaped {shape:?}, not [1, tokens, tokens]"))),
+            }
+            if PatchMap::new(vec![0.0; tokens - 1]).is_none() {
+                return Err(bad(format!(
+                    "over {tokens} tokens: CLS plus a square patch grid was expected"
+                )));
+            }
+            layers.push(read(index)?);
+        }
+        Ok(Explanation {
+            logits,
+            probabilities,
+            layers,
+            tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollout_matches_the_product_worked_by_hand() {
+        // 3 tokens (CLS + 2 patches), 2 blocks; rows sum to 1.
+        let first = [0.2, 0.6, 0.2, 0.3, 0.3, 0.4, 0.5, 0.25, 0.25];
+        let second = [0.4, 0.4, 0.2, 0.1, 0.8, 0.1, 0.2, 0.2, 0.6];
+        // Â = (A + I) / 2. CLS row of Â₂ = [0.7, 0.2, 0.1]; times Â₁ =
+        // [[0.6, 0.3, 0.1], [0.15, 0.65, 0.2], [0.25, 0.125, 0.625]] gives
+        // [0.475, 0.3525, 0.1725]; the patches are the last two.
+        let got = rollout(&[&first, &second], 3);
+        let want = [0.3525, 0.1725];
+        assert!(
+            got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6),
+            "{got:?}"
+        );
+        // One block: just the renormalised CLS row of A + I.
+        let single = rollout(&[&second], 3);
+        assert!((single[0] - 0.2).abs() < 1e-6 && (single[1] - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn last_layer_is_the_cls_row_without_cls() {
+        assert_eq!(
+            cls_row(&[0.5, 0.3, 0.2, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3),
+            [0.3, 0.2]
+        );
+    }
+}
