@@ -27,8 +27,8 @@ typedef struct {
 #define VIT_BGR8 2
 
 /* Load an ONNX model carrying vit.* metadata (model_path NULL: the model embedded in the
- * library). top_k: predictions per frame, 1..16. threads: cores for matrix products (0 all,
- * 1 the calling thread; process-wide). NULL on failure. */
+ * library). top_k: predictions per frame, 1..16. threads: cores for matrix products (0 one
+ * per physical core, 1 the calling thread; process-wide). NULL on failure. */
 VitClassifier *vit_classifier_new(const char *model_path, size_t top_k, size_t threads);
 
 /* Classify a width x height frame whose rows are stride bytes apart. Writes up to capacity

@@ -67,7 +67,8 @@ fn new_classifier(model: Model, top_k: usize) -> Result<*mut VitClassifier, Stri
 }
 
 /// Load an ONNX model with `vit.*` metadata. `model_path` NULL: the embedded default model.
-/// `threads`: cores for matrix products (0 all, 1 the calling thread; process-wide).
+/// `threads`: cores for matrix products (0 one per physical core, 1 the calling thread;
+/// process-wide).
 /// Returns NULL on failure.
 ///
 /// # Safety

@@ -41,6 +41,9 @@ enum Command {
         /// One JSON object per image on stdout.
         #[arg(long)]
         json: bool,
+        /// With --json, also the raw logits (to compare runtimes and machines).
+        #[arg(long, requires = "json")]
+        logits: bool,
     },
     /// The model's inputs, outputs, metadata, and the CPU features tract uses.
     Info {
@@ -179,8 +182,9 @@ struct ModelArgs {
     /// Class names, one per line, in output order.
     #[arg(long)]
     labels: Option<PathBuf>,
-    /// Cores for tract's matrix products (0: all). One leaves the others to the camera.
-    #[arg(long, default_value_t = 1)]
+    /// Cores for tract's matrix products: 0 (default) one per physical core, 1 the calling
+    /// thread only (steadiest latency, leaves the other cores to the camera).
+    #[arg(long, default_value_t = 0)]
     threads: usize,
 }
 
@@ -259,7 +263,8 @@ fn run(cli: Cli) -> Result<bool> {
             model,
             top_k,
             json,
-        } => classify(&images, &model, top_k, json),
+            logits,
+        } => classify(&images, &model, top_k, json, logits),
         Command::Info { model, json } => info(&model, json).map(|_| true),
         Command::Logits {
             model,
@@ -320,7 +325,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn classify(images: &[PathBuf], args: &ModelArgs, top_k: usize, json: bool) -> Result<bool> {
+fn classify(
+    images: &[PathBuf],
+    args: &ModelArgs,
+    top_k: usize,
+    json: bool,
+    with_logits: bool,
+) -> Result<bool> {
     let model = args.load()?.model;
     let mut classifier = Classifier::new(model, top_k)?;
     let mut all_ok = true;
@@ -348,14 +359,15 @@ fn classify(images: &[PathBuf], args: &ModelArgs, top_k: usize, json: bool) -> R
                 .iter()
                 .map(|p| json!({"label": classifier.label(p.class), "class": p.class, "probability": p.probability}))
                 .collect();
-            println!(
-                "{}",
-                json!({
-                    "image": path,
-                    "top": predictions,
-                    "latency_ms": {"total": ms(total), "preprocess": ms(timings.preprocess), "inference": ms(timings.inference)},
-                })
-            );
+            let mut record = json!({
+                "image": path,
+                "top": predictions,
+                "latency_ms": {"total": ms(total), "preprocess": ms(timings.preprocess), "inference": ms(timings.inference)},
+            });
+            if with_logits {
+                record["logits"] = json!(classifier.logits());
+            }
+            println!("{record}");
         } else {
             let best = top[0];
             let others: Vec<String> = top[1..]

@@ -11,11 +11,14 @@ pub struct ThreadsError {
     reason: String,
 }
 
-/// Run tract's matrix products on `threads` cores; 0 means every core, 1 the calling thread
-/// only (no pool: a one-thread pool only adds hand-offs). Returns the count in effect.
+/// Run tract's matrix products on `threads` cores; 0 means one per physical core, 1 the calling
+/// thread only. Returns the count in effect.
+///
+/// One thread gets no pool at all: a one-thread rayon pool only adds hand-offs, and tract
+/// issue #2894 has such a pool fall through to the global one.
 pub fn set_threads(threads: usize) -> Result<usize, ThreadsError> {
     let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => physical_cores(),
         n => n,
     };
     let executor = if threads == 1 {
@@ -33,4 +36,51 @@ pub fn set_threads(threads: usize) -> Result<usize, ThreadsError> {
     };
     set_default_executor(executor);
     Ok(threads)
+}
+
+/// Physical cores: distinct (package, core) pairs of `/proc/cpuinfo`, so SMT siblings count
+/// once. ARM boards list no core ids and have no SMT: there every logical CPU is a core.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    cores_in_cpuinfo(&cpuinfo).map_or(logical, |cores| cores.min(logical))
+}
+
+fn cores_in_cpuinfo(cpuinfo: &str) -> Option<usize> {
+    let mut cores = std::collections::BTreeSet::new();
+    for processor in cpuinfo.split("\n\n") {
+        let field = |name: &str| {
+            processor.lines().find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                (key.trim() == name).then(|| value.trim().to_string())
+            })
+        };
+        if let (Some(package), Some(core)) = (field("physical id"), field("core id")) {
+            cores.insert((package, core));
+        }
+    }
+    (!cores.is_empty()).then_some(cores.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smt_siblings_count_once() {
+        let entry = |cpu: u32, package: u32, core: u32| {
+            format!("processor\t: {cpu}\nphysical id\t: {package}\ncore id\t\t: {core}\n")
+        };
+        // Two packages of two cores, each with two hardware threads.
+        let cpuinfo: Vec<String> = (0..8).map(|cpu| entry(cpu, cpu / 4, cpu % 2)).collect();
+        assert_eq!(cores_in_cpuinfo(&cpuinfo.join("\n")), Some(4));
+        // An ARM board's cpuinfo has no core ids.
+        assert_eq!(
+            cores_in_cpuinfo("processor\t: 0\nBogoMIPS\t: 108.00\n\n"),
+            None
+        );
+        assert!(physical_cores() >= 1);
+    }
 }

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The runtime on ARM, checked under qemu-user against this machine's build: the same top-1 and
+# logits within 1e-4 on sample images, and the matmul kernels tract picks per emulated CPU.
+#
+#   tests/qemu.sh [aarch64] [armv7]        (default: both)
+#
+# Needs the rust targets (aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf) and Debian's
+# gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
+# qemu-user; .ci/run installs the aarch64 part and runs it. PROFILE=release checks the release
+# build; the default, dev, optimises the dependencies like release and builds faster.
+#
+# Under qemu-user tract reads the host's /proc/cpuinfo, so TRACT_CPU_AARCH64_KIND (and
+# TRACT_CPU_ARM32_NEON) tell it which core it runs on, as the real board's cpuinfo would.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=${PROFILE:-dev}
+[ "$profile" = dev ] && out=debug || out=$profile
+archs=("$@")
+[ ${#archs[@]} -gt 0 ] || archs=(aarch64 armv7)
+images=(models/samples/frame.jpg models/samples/coffee.jpg models/fashion-vit/test-images/*/00*.png)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The x86 reference: for dev, the workspace build the tests already made (building `-p runtime`
+# alone would unify features differently and rebuild tract).
+if [ "$profile" = dev ]; then
+    cargo build --quiet --workspace
+else
+    cargo build --quiet --profile "$profile" -p runtime
+fi
+"target/$out/runtime" classify --json --logits "${images[@]}" > "$work/x86_64.jsonl"
+
+# Same top-1 and logits within 1e-4, image by image, as the x86 run.
+compare() {
+    python3 - "$work/x86_64.jsonl" "$work/$1.jsonl" "$1" <<'PY'
+import json, sys
+reference, emulated, name = sys.argv[1:]
+load = lambda path: [json.loads(line) for line in open(path)]
+worst = 0.0
+pairs = list(zip(load(reference), load(emulated)))
+assert pairs and len(pairs) == len(load(reference)), f"{name}: missing results"
+for a, b in pairs:
+    assert a["image"] == b["image"]
+    if a["top"][0]["label"] != b["top"][0]["label"]:
+        sys.exit(f"{name}: {a['image']}: top-1 {b['top'][0]['label']} != x86 {a['top'][0]['label']}")
+    worst = max(worst, max(abs(x - y) for x, y in zip(a["logits"], b["logits"])))
+if worst > 1e-4:
+    sys.exit(f"{name}: logits differ from x86 by {worst:.2e} (> 1e-4)")
+print(f"{name:<24} {len(pairs)} images: same top-1, max |logit - x86| = {worst:.1e}", end="")
+PY
+}
+
+kernels() {
+    "$@" info --json | python3 -c '
+import json, sys
+tract = json.load(sys.stdin)["tract"]
+print("  kernels:", ", ".join(f"{k} x{n}" for k, n in tract["matmul_kernels"].items()))'
+}
+
+check() { # name, then the command that runs the binary
+    local name=$1
+    shift
+    "$@" classify --json --logits "${images[@]}" > "$work/$name.jsonl"
+    compare "$name"
+    kernels "$@"
+}
+
+for arch in "${archs[@]}"; do
+    case $arch in
+    aarch64)
+        triple=aarch64-unknown-linux-gnu
+        cargo build --quiet --profile "$profile" -p runtime --target $triple
+        bin=target/$triple/$out/runtime
+        qemu="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+        # Pi 3 / Zero 2 (A53, tract's tuned kernels), Pi 4 (A72), Pi 5 (A76). tract has no A76
+        # kind; its A75 kind is the one that knows the fp16 and dot-product extensions A76 has.
+        check aarch64-cortex-a53 env TRACT_CPU_AARCH64_KIND=a53 $qemu -cpu cortex-a53 $bin
+        check aarch64-cortex-a72 env TRACT_CPU_AARCH64_KIND=a72 $qemu -cpu cortex-a72 $bin
+        check aarch64-cortex-a76 env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin
+        ;;
+    armv7)
+        triple=armv7-unknown-linux-gnueabihf
+        cargo build --quiet --profile "$profile" -p runtime --target $triple
+        bin=target/$triple/$out/runtime
+        qemu="qemu-arm -L /usr/arm-linux-gnueabihf"
+        # 32-bit Raspberry Pi OS: Pi 2 (A7); A15 stands for the larger 32-bit cores.
+        check armv7-cortex-a7 env TRACT_CPU_ARM32_NEON=true $qemu -cpu cortex-a7 $bin
+        check armv7-cortex-a15 env TRACT_CPU_ARM32_NEON=true $qemu -cpu cortex-a15 $bin
+        ;;
+    *)
+        echo "unknown architecture $arch (aarch64 or armv7)" >&2
+        exit 2
+        ;;
+    esac
+done
