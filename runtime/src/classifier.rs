@@ -5,7 +5,7 @@ use crate::model::Model;
 use crate::preprocess::{FrameRef, PatchPipeline, PreprocessError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tract_onnx::prelude::{TValue, Tensor, TypedSimpleState, tvec};
+use tract_onnx::prelude::{TValue, TVec, Tensor, TypedSimpleState, tvec};
 
 /// Most results a [`TopK`] holds.
 pub const MAX_TOP_K: usize = 16;
@@ -146,6 +146,13 @@ impl Classifier {
 
     /// Run the model on the current input tensor, then softmax and top-k.
     pub fn infer(&mut self) -> Result<&TopK, ClassifyError> {
+        self.run()?;
+        Ok(&self.top)
+    }
+
+    /// [`Classifier::infer`], also returning every output of the plan: the logits first, then
+    /// the attention maps of a model loaded with them (`runtime explain`).
+    pub fn run(&mut self) -> Result<TVec<TValue>, ClassifyError> {
         let outputs = self
             .state
             .run(tvec!(TValue::from_const(self.input.clone())))
@@ -156,9 +163,8 @@ impl Classifier {
             .map_err(|e| ClassifyError::Inference(e.to_string()))?;
         self.logits.copy_from_slice(logits);
         softmax_into(logits, &mut self.probabilities);
-        drop(outputs);
         top_k_into(&self.probabilities, self.k, &mut self.top);
-        Ok(&self.top)
+        Ok(outputs)
     }
 }
 

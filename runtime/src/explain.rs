@@ -6,13 +6,12 @@
 //! - rollout (Abnar & Zuidema 2020): each block's `A + I` with rows renormalised (the residual
 //!   path), multiplied through the blocks; the CLS row of the product.
 
-use crate::classifier::{ClassifyError, TopK, softmax_into, top_k_into};
+use crate::classifier::{Classifier, ClassifyError, TopK, top_k_into};
 use crate::model::{Model, ModelError};
 use crate::overlay::PatchMap;
-use crate::preprocess::{FrameRef, PatchPipeline};
+use crate::preprocess::FrameRef;
 use std::fmt;
 use std::str::FromStr;
-use tract_onnx::prelude::{Tensor, tvec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Method {
@@ -128,11 +127,9 @@ pub fn rollout(layers: &[&[f32]], tokens: usize) -> Vec<f32> {
     row[1..].to_vec()
 }
 
-/// Runs a model with attention outputs on frames.
+/// Runs a model with attention outputs on frames, through the classifier's own path.
 pub struct Explainer {
-    model: Model,
-    pipeline: PatchPipeline,
-    input: Vec<f32>,
+    classifier: Classifier,
 }
 
 impl Explainer {
@@ -142,52 +139,25 @@ impl Explainer {
             return Err(ModelError::NoAttention.into());
         }
         Ok(Explainer {
-            pipeline: PatchPipeline::new(model.preprocess.clone()).map_err(ClassifyError::from)?,
-            input: vec![0.0; model.preprocess.tensor_len()],
-            model,
+            classifier: Classifier::new(model, 1)?,
         })
     }
 
     pub fn model(&self) -> &Model {
-        &self.model
+        self.classifier.model()
     }
 
     pub fn explain(&mut self, frame: &FrameRef) -> Result<Explanation, ExplainError> {
-        self.pipeline
-            .run(frame, &mut self.input)
-            .map_err(ClassifyError::from)?;
-        let p = &self.model.preprocess;
-        let side = p.image_size as usize;
-        let inference = |e: tract_onnx::prelude::TractError| {
-            ExplainError::Classify(ClassifyError::Inference(format!("{e:#}")))
-        };
-        let input = Tensor::from_shape(&[1, p.channels as usize, side, side], &self.input)
-            .map_err(inference)?;
-        let outputs = self
-            .model
-            .plan
-            .run(tvec!(input.into()))
-            .map_err(inference)?;
-        let read = |index: usize| -> Result<Vec<f32>, ExplainError> {
-            let view = outputs[index].to_plain_array_view::<f32>().map_err(|e| {
-                ExplainError::BadAttention {
-                    index,
-                    reason: e.to_string(),
-                }
-            })?;
-            Ok(view.iter().copied().collect())
-        };
-        let logits = read(0)?;
-        let mut probabilities = vec![0.0; logits.len()];
-        softmax_into(&logits, &mut probabilities);
-        let mut layers = Vec::with_capacity(self.model.attention_layers);
+        self.classifier.preprocess(frame)?;
+        let outputs = self.classifier.run()?;
+        let mut layers = Vec::with_capacity(outputs.len() - 1);
         let mut tokens = 0;
-        for index in 1..=self.model.attention_layers {
-            let shape = outputs[index].shape().to_vec();
+        for (index, output) in outputs.iter().enumerate().skip(1) {
             let bad = |reason: String| ExplainError::BadAttention {
                 index: index - 1,
                 reason,
             };
+            let shape = output.shape().to_vec();
             match shape[..] {
                 [1, n, m] if n == m && n > 1 => tokens = n,
                 _ => return Err(bad(format!("shaped {shape:?}, not [1, tokens, tokens]"))),
@@ -197,11 +167,14 @@ impl Explainer {
                     "over {tokens} tokens: CLS plus a square patch grid was expected"
                 )));
             }
-            layers.push(read(index)?);
+            let values = output
+                .to_plain_array_view::<f32>()
+                .map_err(|e| bad(e.to_string()))?;
+            layers.push(values.iter().copied().collect());
         }
         Ok(Explanation {
-            logits,
-            probabilities,
+            logits: self.classifier.logits().to_vec(),
+            probabilities: self.classifier.probabilities().to_vec(),
             layers,
             tokens,
         })
