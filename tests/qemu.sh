@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The runtime on ARM, checked under qemu-user against this machine's build: the same top-1 and
-# logits within 1e-4 on sample images, and the matmul kernels tract picks per emulated CPU.
+# logits within 1e-4 on sample images, and the matmul kernels tract picks per emulated CPU. On
+# the Cortex-A76 also f16 (native fp16 there, f16 storage on x86) and the int8 model: the same
+# top-1 as x86 at that precision, and their kernels.
 #
 #   tests/qemu.sh [aarch64] [armv7]        (default: both)
 #
@@ -29,13 +31,17 @@ if [ "$profile" = dev ]; then
 else
     cargo build --quiet --profile "$profile" -p runtime
 fi
-"target/$out/runtime" classify --json --logits "${images[@]}" > "$work/x86_64.jsonl"
+for precision in f32 f16 int8; do
+    "target/$out/runtime" classify --json --logits --precision $precision "${images[@]}" \
+        > "$work/x86_64-$precision.jsonl"
+done
 
-# Same top-1 and logits within 1e-4, image by image, as the x86 run.
-compare() {
-    python3 - "$work/x86_64.jsonl" "$work/$1.jsonl" "$1" <<'PY'
+# Same top-1, image by image, as the x86 run at the same precision, and logits within the
+# tolerance (1e-4 for f32; f16 and int8 arithmetic differ between the ISAs' kernels).
+compare() { # name precision tolerance
+    python3 - "$work/x86_64-$2.jsonl" "$work/$1.jsonl" "$1" "$3" <<'PY'
 import json, sys
-reference, emulated, name = sys.argv[1:]
+reference, emulated, name, tolerance = sys.argv[1:]
 load = lambda path: [json.loads(line) for line in open(path)]
 worst = 0.0
 pairs = list(zip(load(reference), load(emulated)))
@@ -45,25 +51,31 @@ for a, b in pairs:
     if a["top"][0]["label"] != b["top"][0]["label"]:
         sys.exit(f"{name}: {a['image']}: top-1 {b['top'][0]['label']} != x86 {a['top'][0]['label']}")
     worst = max(worst, max(abs(x - y) for x, y in zip(a["logits"], b["logits"])))
-if worst > 1e-4:
-    sys.exit(f"{name}: logits differ from x86 by {worst:.2e} (> 1e-4)")
+if worst > float(tolerance):
+    sys.exit(f"{name}: logits differ from x86 by {worst:.2e} (> {tolerance})")
 print(f"{name:<24} {len(pairs)} images: same top-1, max |logit - x86| = {worst:.1e}", end="")
 PY
 }
 
-kernels() {
-    "$@" info --json | python3 -c '
+kernels() { # precision, then the command that runs the binary
+    local precision=$1
+    shift
+    "$@" info --json --precision "$precision" | python3 -c '
 import json, sys
 tract = json.load(sys.stdin)["tract"]
 print("  kernels:", ", ".join(f"{k} x{n}" for k, n in tract["matmul_kernels"].items()))'
 }
 
 check() { # name, then the command that runs the binary
-    local name=$1
-    shift
-    "$@" classify --json --logits "${images[@]}" > "$work/$name.jsonl"
-    compare "$name"
-    kernels "$@"
+    check_at f32 1e-4 "$@"
+}
+
+check_at() { # precision, tolerance, name, then the command that runs the binary
+    local precision=$1 tolerance=$2 name=$3
+    shift 3
+    "$@" classify --json --logits --precision "$precision" "${images[@]}" > "$work/$name.jsonl"
+    compare "$name" "$precision" "$tolerance"
+    kernels "$precision" "$@"
 }
 
 for arch in "${archs[@]}"; do
@@ -78,6 +90,8 @@ for arch in "${archs[@]}"; do
         check aarch64-cortex-a53 env TRACT_CPU_AARCH64_KIND=a53 $qemu -cpu cortex-a53 $bin
         check aarch64-cortex-a72 env TRACT_CPU_AARCH64_KIND=a72 $qemu -cpu cortex-a72 $bin
         check aarch64-cortex-a76 env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin
+        check_at f16 0.05 aarch64-cortex-a76-f16 env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin
+        check_at int8 0.05 aarch64-cortex-a76-int8 env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin
         ;;
     armv7)
         triple=armv7-unknown-linux-gnueabihf

@@ -223,7 +223,9 @@ fn build_graph(
         &[],
         vec![1.0 / (head_dim as f32).sqrt()],
     );
-    let head_axis = g.ints("const.head_axis", &[1], vec![1]);
+    // ReduceMean's axes, an input from opset 18 (an attribute before): only when used.
+    let head_axis =
+        (with_attention && opset >= 18).then(|| g.ints("const.head_axis", &[1], vec![1]));
     let mut attention_maps = Vec::new();
     let (sqrt2, one, half) = (
         g.weight("const.sqrt2", &[], vec![std::f32::consts::SQRT_2]),
@@ -374,7 +376,7 @@ fn build_graph(
                 g.node(
                     "ReduceMean",
                     &name,
-                    &[&weights, &head_axis],
+                    &[&weights, head_axis.as_deref().expect("made for opset 18")],
                     vec![keep_dims],
                 )
             } else {

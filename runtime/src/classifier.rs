@@ -157,6 +157,12 @@ impl Classifier {
             .state
             .run(tvec!(TValue::from_const(self.input.clone())))
             .map_err(|e| ClassifyError::Inference(format!("{e:#}")))?;
+        self.read_logits(&outputs)?;
+        Ok(outputs)
+    }
+
+    /// Logits, probabilities and top-k from the plan's outputs.
+    fn read_logits(&mut self, outputs: &[TValue]) -> Result<(), ClassifyError> {
         let logits = outputs[0]
             .try_as_plain_ram()
             .and_then(|plain| plain.as_slice::<f32>())
@@ -164,7 +170,63 @@ impl Classifier {
         self.logits.copy_from_slice(logits);
         softmax_into(logits, &mut self.probabilities);
         top_k_into(&self.probabilities, self.k, &mut self.top);
-        Ok(outputs)
+        Ok(())
+    }
+}
+
+impl Classifier {
+    /// [`Classifier::infer`], adding each operator's time to `profile` (by operator name, in
+    /// plan order of first appearance). Slower than `infer` by the timing; for `runtime bench
+    /// --profile`, not the frame loop.
+    pub fn infer_profiled(&mut self, profile: &mut Profile) -> Result<&TopK, ClassifyError> {
+        let outputs = self
+            .state
+            .run_plan_with_eval(
+                tvec!(TValue::from_const(self.input.clone())),
+                |context, state, node, inputs| {
+                    let started = Instant::now();
+                    let outputs = tract_onnx::tract_core::plan::eval(context, state, node, inputs);
+                    profile.add(&node.op.name(), started.elapsed());
+                    outputs
+                },
+            )
+            .map_err(|e| ClassifyError::Inference(format!("{e:#}")))?;
+        self.read_logits(&outputs)?;
+        Ok(&self.top)
+    }
+}
+
+/// Time per operator over profiled runs.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// (operator, total time, calls), in order of first appearance.
+    pub operators: Vec<(String, Duration, usize)>,
+}
+
+impl Profile {
+    fn add(&mut self, operator: &str, time: Duration) {
+        match self
+            .operators
+            .iter_mut()
+            .find(|(name, ..)| name == operator)
+        {
+            Some((_, total, calls)) => {
+                *total += time;
+                *calls += 1;
+            }
+            None => self.operators.push((operator.to_string(), time, 1)),
+        }
+    }
+
+    pub fn total(&self) -> Duration {
+        self.operators.iter().map(|(_, time, _)| *time).sum()
+    }
+
+    /// Operators by time spent, most first.
+    pub fn by_time(&self) -> Vec<(String, Duration, usize)> {
+        let mut sorted = self.operators.clone();
+        sorted.sort_by_key(|(_, time, _)| std::cmp::Reverse(*time));
+        sorted
     }
 }
 

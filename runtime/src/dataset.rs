@@ -97,6 +97,38 @@ impl ImageFolder {
     }
 }
 
+/// Every image file under `root` (any depth), sorted by path, thinned evenly to at most `max`
+/// so a folder-per-class tree keeps all its classes.
+pub fn images_under(root: &Path, max: usize) -> Result<Vec<PathBuf>, DatasetError> {
+    let mut files = image_files(root)?;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|source| DatasetError::Io {
+            path: dir.display().to_string(),
+            source,
+        })? {
+            let path = entry
+                .map_err(|source| DatasetError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })?
+                .path();
+            if path.is_dir() {
+                files.extend(image_files(&path)?);
+                dirs.push(path);
+            }
+        }
+    }
+    files.sort();
+    if files.len() > max {
+        let step = files.len() as f64 / max as f64;
+        files = (0..max)
+            .map(|i| files[(i as f64 * step) as usize].clone())
+            .collect();
+    }
+    Ok(files)
+}
+
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let io = |source| DatasetError::Io {
         path: dir.display().to_string(),
@@ -141,6 +173,25 @@ mod tests {
             .map(|i| (i.path.file_name().unwrap().to_str().unwrap(), i.label))
             .collect();
         assert_eq!(names, [("x.png", 0), ("a.JPG", 1), ("b.png", 1)]);
+    }
+
+    #[test]
+    fn images_under_walks_subfolders_and_thins_evenly() {
+        let root = tempfile::tempdir().unwrap();
+        for class in ["a", "b"] {
+            for n in 0..4 {
+                touch(&root.path().join(format!("{class}/{n}.png")));
+            }
+        }
+        touch(&root.path().join("top.jpg"));
+        touch(&root.path().join("a/readme.txt"));
+        assert_eq!(images_under(root.path(), 100).unwrap().len(), 9);
+        let thinned = images_under(root.path(), 4).unwrap();
+        let names: Vec<_> = thinned
+            .iter()
+            .map(|p| p.strip_prefix(root.path()).unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a/0.png", "a/2.png", "b/0.png", "b/2.png"]);
     }
 
     #[test]

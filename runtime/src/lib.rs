@@ -40,7 +40,9 @@ pub mod latency;
 pub mod metadata;
 pub mod model;
 pub mod overlay;
+pub mod precision;
 pub mod preprocess;
+pub mod quantize;
 pub mod stream;
 pub mod threads;
 pub mod yuv;
@@ -49,6 +51,7 @@ pub use atomic_file::{write_atomic, write_atomic_with};
 pub use classifier::{Classifier, ClassifyError, FrameTimings, MAX_TOP_K, Prediction, TopK};
 pub use decode::{DecodeError, DecodedImage, decode_bytes, decode_file};
 pub use model::{Model, ModelError, ModelOptions};
+pub use precision::Precision;
 pub use preprocess::{
     FrameRef, PatchPipeline, PixelFormat, PreprocessConfig, PreprocessError, Region, ResizeMode,
 };

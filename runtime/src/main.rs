@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use runtime::explain::{Explainer, Method};
 use runtime::{
-    Classifier, DecodedImage, KeepPolicy, Model, ModelOptions, PixelFormat, ResizeMode,
+    Classifier, DecodedImage, KeepPolicy, Model, ModelOptions, PixelFormat, Precision, ResizeMode,
     StreamConfig, StreamError, StreamEvent, StreamFormat, StreamSummary,
 };
 use serde_json::json;
@@ -143,6 +143,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make an int8 copy of a float model, calibrated on real images.
+    ///
+    /// Static post-training quantization: each MatMul with constant weights gets int8 weights
+    /// (symmetric, per output channel) and int8 inputs (asymmetric, per tensor, ranges measured
+    /// on the calibration images) and runs on tract's integer kernels; LayerNorm, softmax, GELU
+    /// and the attention products stay f32. Run the result like any model (`--model`), and
+    /// measure what it costs with `runtime eval`.
+    Quantize {
+        /// The float model (default: the embedded one).
+        #[arg(value_name = "MODEL")]
+        model_path: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Images like those the model will see (any folder depth, e.g. a training set).
+        #[arg(
+            long,
+            value_name = "IMAGE_DIR",
+            required_unless_present = "weights_only"
+        )]
+        calibrate: Option<PathBuf>,
+        /// Only store the weights as int8 (dequantized at load): a file about 4× smaller that
+        /// computes in f32 at f32 speed. Needs no calibration.
+        #[arg(long, conflicts_with = "calibrate")]
+        weights_only: bool,
+        /// Use at most this many images, spread evenly over the folder.
+        #[arg(long, default_value_t = 500)]
+        max_images: usize,
+        /// Where to write the int8 ONNX file.
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency per frame (preprocess, inference, total): min, median, p99.
     Bench {
         #[command(flatten)]
@@ -154,6 +187,10 @@ enum Command {
         runs: usize,
         #[arg(long, default_value_t = 10)]
         warmup: usize,
+        /// Also time each operator (over the same number of extra runs) and print where the
+        /// inference time goes.
+        #[arg(long)]
+        profile: bool,
         #[arg(long)]
         json: bool,
     },
@@ -186,6 +223,11 @@ struct ModelArgs {
     /// thread only (steadiest latency, leaves the other cores to the camera).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// f32, f16 or int8. Default: as stored (an int8 file from `runtime quantize` runs int8).
+    /// int8 needs such a file; with no --model it picks the embedded int8 copy. f16 is native
+    /// arithmetic on aarch64 with fp16 (Cortex-A76 and later), a storage format elsewhere.
+    #[arg(long)]
+    precision: Option<Precision>,
 }
 
 /// A loaded model and how it was loaded.
@@ -201,10 +243,8 @@ impl ModelArgs {
         self.load_with(false)
     }
 
-    /// Load, keeping the model's attention outputs if `attention`.
-    fn load_with(&self, attention: bool) -> Result<Loaded> {
-        let threads = runtime::set_threads(self.threads)?;
-        let options = ModelOptions {
+    fn options(&self, attention: bool) -> Result<ModelOptions> {
+        Ok(ModelOptions {
             image_size: self.input_size,
             channels: self.channels,
             mean: self.mean.clone(),
@@ -216,7 +256,14 @@ impl ModelArgs {
                 .map(ModelOptions::labels_from_file)
                 .transpose()?,
             attention,
-        };
+            precision: self.precision,
+        })
+    }
+
+    /// Load, keeping the model's attention outputs if `attention`.
+    fn load_with(&self, attention: bool) -> Result<Loaded> {
+        let threads = runtime::set_threads(self.threads)?;
+        let options = self.options(attention)?;
         let started = Instant::now();
         let (model, source) = match &self.model {
             Some(path) => (
@@ -224,11 +271,8 @@ impl ModelArgs {
                     .with_context(|| format!("loading {}", path.display()))?,
                 path.display().to_string(),
             ),
-            None => match runtime::embedded::DEFAULT_MODEL {
-                Some(bytes) => (
-                    Model::from_bytes(bytes, &options)?,
-                    "embedded default model".to_string(),
-                ),
+            None => match runtime::embedded::default_model(self.precision) {
+                Some((bytes, name)) => (Model::from_bytes(bytes, &options)?, name.to_string()),
                 None => bail!(
                     "this build has no embedded model (feature embedded-model): pass --model PATH"
                 ),
@@ -281,6 +325,18 @@ fn run(cli: Cli) -> Result<bool> {
             model.model = model_path.or(model.model);
             eval(&model, &data, json).map(|_| true)
         }
+        Command::Quantize {
+            model_path,
+            mut model,
+            calibrate,
+            weights_only: _,
+            max_images,
+            out,
+            json,
+        } => {
+            model.model = model_path.or(model.model);
+            quantize(&model, calibrate.as_deref(), max_images, &out, json).map(|_| true)
+        }
         Command::Stream {
             input,
             format,
@@ -316,8 +372,9 @@ fn run(cli: Cli) -> Result<bool> {
             image,
             runs,
             warmup,
+            profile,
             json,
-        } => bench(&model, image.as_deref(), runs, warmup, json).map(|_| true),
+        } => bench(&model, image.as_deref(), runs, warmup, profile, json).map(|_| true),
     }
 }
 
@@ -503,7 +560,7 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
                 "labels": model.labels,
                 "metadata": model.metadata,
                 "cpu": {"arch": std::env::consts::ARCH, "features": features},
-                "tract": {"version": tract_version(), "threads": threads, "matmul_kernels": kernels, "operators": operators},
+                "tract": {"version": tract_version(), "threads": threads, "precision": model.precision.as_str(), "matmul_kernels": kernels, "operators": operators},
             }))?
         );
         return Ok(());
@@ -535,8 +592,8 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
     if !model.metadata.is_empty() {
         println!("metadata");
         for (key, value) in &model.metadata {
-            let value: String = if value.len() > 100 {
-                format!("{}…", &value[..100])
+            let value: String = if value.chars().count() > 100 {
+                format!("{}…", value.chars().take(100).collect::<String>())
             } else {
                 value.clone()
             };
@@ -548,7 +605,11 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
         std::env::consts::ARCH,
         features.join(" ")
     );
-    println!("tract    {} · {threads} thread(s)", tract_version());
+    println!(
+        "tract    {} · {threads} thread(s) · {}",
+        tract_version(),
+        model.precision
+    );
     let list = |map: &std::collections::BTreeMap<String, usize>| {
         map.iter()
             .map(|(name, n)| format!("{name} ×{n}"))
@@ -557,6 +618,83 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
     };
     println!("kernels  {}", list(&kernels));
     println!("ops      {}", list(&operators));
+    Ok(())
+}
+
+fn quantize(
+    args: &ModelArgs,
+    calibrate: Option<&Path>,
+    max_images: usize,
+    out: &Path,
+    json: bool,
+) -> Result<()> {
+    let images = calibrate
+        .map(|dir| runtime::quantize::calibration_images(dir, max_images))
+        .transpose()?;
+    let (bytes, source) = match &args.model {
+        Some(path) => (
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => match runtime::embedded::DEFAULT_MODEL {
+            Some(bytes) => (bytes.to_vec(), "embedded default model".to_string()),
+            None => bail!("this build has no embedded model (feature embedded-model): pass MODEL"),
+        },
+    };
+    let options = args.options(false)?;
+    let started = Instant::now();
+    let (int8, report) = match &images {
+        Some(images) => runtime::quantize::quantize(&bytes, &options, images),
+        None => runtime::quantize::quantize_weights(&bytes, &options),
+    }
+    .with_context(|| format!("quantizing {source}"))?;
+    runtime::write_atomic(out, &int8).with_context(|| format!("writing {}", out.display()))?;
+    let weights = |bytes: &[u8]| -> Result<usize> {
+        Ok(runtime::quantize::weight_bytes(bytes)?.values().sum())
+    };
+    let (float_weights, int8_weights) = (weights(&bytes)?, weights(&int8)?);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": source,
+                "out": out,
+                "report": report,
+                "weight_bytes": {"float": float_weights, "int8": int8_weights},
+                "seconds": started.elapsed().as_secs_f64(),
+            }))?
+        );
+    } else {
+        if images.is_none() {
+            println!(
+                "wrote {}: weights stored int8, computed in f32",
+                out.display()
+            );
+        } else {
+            println!(
+                "wrote {}: {} products on int8, {} left float; calibrated on {} images{} in {:.1} s",
+                out.display(),
+                report.int8_products,
+                report.float_products,
+                report.calibration_images,
+                if report.skipped_images > 0 {
+                    format!(" ({} unreadable skipped)", report.skipped_images)
+                } else {
+                    String::new()
+                },
+                started.elapsed().as_secs_f64()
+            );
+        }
+        println!(
+            "file {} → {} bytes ({:.2}×); weights {} → {} bytes ({:.2}×)",
+            report.float_bytes,
+            report.int8_bytes,
+            report.float_bytes as f64 / report.int8_bytes as f64,
+            float_weights,
+            int8_weights,
+            float_weights as f64 / int8_weights as f64
+        );
+    }
     Ok(())
 }
 
@@ -862,6 +1000,7 @@ fn bench(
     image: Option<&Path>,
     runs: usize,
     warmup: usize,
+    profile: bool,
     json: bool,
 ) -> Result<()> {
     if runs == 0 {
@@ -893,21 +1032,38 @@ fn bench(
         inference.push(t.inference);
     }
     let (pre, inference, total) = (stats(&mut pre), stats(&mut inference), stats(&mut total));
+    let operators = if profile {
+        let mut times = runtime::classifier::Profile::default();
+        for _ in 0..runs {
+            classifier.preprocess(&frame.frame())?;
+            classifier.infer_profiled(&mut times)?;
+        }
+        times.by_time()
+    } else {
+        Vec::new()
+    };
+    let per_frame = |time: &Duration| ms(*time) / runs as f64;
     if json {
+        let operators: Vec<_> = operators
+            .iter()
+            .map(|(name, time, calls)| json!({"op": name, "ms_per_frame": per_frame(time), "calls_per_frame": calls / runs}))
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "model": source, "load_ms": ms(load), "threads": threads, "runs": runs, "frame": [frame.width, frame.height],
-                "preprocess": pre, "inference": inference, "total": total,
+                "precision": classifier.model().precision.as_str(),
+                "preprocess": pre, "inference": inference, "total": total, "operators": operators,
             }))?
         );
         return Ok(());
     }
     println!(
-        "model {source}: loaded in {:.1} ms; {runs} runs on a {}x{} frame, {threads} thread(s)",
+        "model {source}: loaded in {:.1} ms; {runs} runs on a {}x{} frame, {threads} thread(s), {}",
         ms(load),
         frame.width,
-        frame.height
+        frame.height,
+        classifier.model().precision
     );
     println!(
         "{:<12} {:>9} {:>9} {:>9}",
@@ -922,6 +1078,21 @@ fn bench(
             "{name:<12} {:>9.3} {:>9.3} {:>9.3}",
             s.min_ms, s.median_ms, s.p99_ms
         );
+    }
+    if !operators.is_empty() {
+        let all: Duration = operators.iter().map(|(_, time, _)| *time).sum();
+        println!(
+            "\n{:<32} {:>9} {:>6} {:>7}",
+            "operator", "ms/frame", "share", "calls"
+        );
+        for (name, time, calls) in &operators {
+            println!(
+                "{name:<32} {:>9.3} {:>5.1}% {:>7}",
+                per_frame(time),
+                100.0 * time.as_secs_f64() / all.as_secs_f64(),
+                calls / runs
+            );
+        }
     }
     Ok(())
 }

@@ -28,3 +28,6 @@ pub const VAL_EPOCH: &str = "vit.val_epoch";
 /// Present when the graph also outputs `attention.{block}` (`[batch, tokens, tokens]`, each
 /// block's softmax weights averaged over heads, token 0 = CLS) for `runtime explain`.
 pub const ATTENTION: &str = "vit.attention";
+/// Present in files written by `runtime quantize`: JSON of the int8 scheme (weights,
+/// activations, calibration) and which products it covers.
+pub const QUANTIZATION: &str = "vit.quantization";

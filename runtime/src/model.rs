@@ -2,6 +2,7 @@
 //! input fixed to `[1, C, H, W]`, optimised once.
 
 use crate::metadata as key;
+use crate::precision::{self, Precision};
 use crate::preprocess::{PreprocessConfig, ResizeMode, per_channel};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,6 +33,8 @@ pub enum ModelError {
     Mismatch(String),
     #[error("tract cannot prepare the model: {0}")]
     Tract(String),
+    #[error("{0}")]
+    Precision(String),
     #[error(
         "the model has no attention outputs: export it with `exporter export --with-attention` (the shipped model has them)"
     )]
@@ -51,6 +54,8 @@ pub struct ModelOptions {
     /// Keep the `attention.N` outputs (for `runtime explain`). Otherwise only the logits are
     /// computed, whatever else the file outputs.
     pub attention: bool,
+    /// The arithmetic to run in; `None` runs the file as it is (f32, or int8 if quantized).
+    pub precision: Option<Precision>,
 }
 
 impl ModelOptions {
@@ -79,6 +84,7 @@ pub struct Model {
     pub output_name: String,
     /// Attention maps the plan outputs after the logits (0 unless asked for).
     pub attention_layers: usize,
+    pub precision: Precision,
     /// `onnx.metadata_props` of the file, by key.
     pub metadata: BTreeMap<String, String>,
 }
@@ -111,6 +117,24 @@ impl Model {
             .iter()
             .map(|e| (e.key.clone(), e.value.clone()))
             .collect();
+        let stored = match metadata.get(key::QUANTIZATION) {
+            Some(scheme) if crate::quantize::computes_in_int8(scheme) => Precision::Int8,
+            _ => Precision::F32,
+        };
+        let precision = options.precision.unwrap_or(stored);
+        match (stored, precision) {
+            (Precision::F32, Precision::Int8) => {
+                return Err(ModelError::Precision(
+                    "this is a float model: make an int8 copy with `runtime quantize MODEL --calibrate IMAGE_DIR -o MODEL.int8.onnx`".into(),
+                ));
+            }
+            (Precision::Int8, Precision::F32 | Precision::F16) => {
+                return Err(ModelError::Precision(format!(
+                    "this model is int8-quantized: {precision} needs the float model it was made from"
+                )));
+            }
+            _ => {}
+        }
         let mut model = onnx.model_for_proto_model(&proto).map_err(tract)?;
 
         let input_fact = model.input_fact(0).map_err(tract)?.clone();
@@ -202,7 +226,14 @@ impl Model {
         }
         let attention_layers = keep.len() - 1;
         model.select_output_outlets(&keep).map_err(tract)?;
-        let optimized = model.into_optimized().map_err(tract)?;
+        let mut typed = model
+            .into_typed()
+            .and_then(|typed| typed.into_decluttered())
+            .map_err(tract)?;
+        if precision == Precision::F16 {
+            typed = precision::to_f16(typed).map_err(tract)?;
+        }
+        let optimized = typed.into_optimized().map_err(tract)?;
         let output = optimized.output_fact(0).map_err(tract)?;
         let classes = match output.shape.as_concrete() {
             Some(dims) if dims.len() == 2 && dims[0] == 1 => dims[1],
@@ -234,6 +265,7 @@ impl Model {
             input_name,
             output_name,
             attention_layers,
+            precision,
             metadata,
         })
     }
