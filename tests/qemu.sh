@@ -78,25 +78,27 @@ check_at() { # precision, tolerance, name, then the command that runs the binary
     kernels "$precision" "$@"
 }
 
+cross_build() { # rust target triple; prints the binary's path
+    cargo build --quiet --profile "$profile" -p runtime --target "$1"
+    echo "target/$1/$out/runtime"
+}
+
 for arch in "${archs[@]}"; do
     case $arch in
     aarch64)
-        triple=aarch64-unknown-linux-gnu
-        cargo build --quiet --profile "$profile" -p runtime --target $triple
-        bin=target/$triple/$out/runtime
+        bin=$(cross_build aarch64-unknown-linux-gnu)
         qemu="qemu-aarch64 -L /usr/aarch64-linux-gnu"
         # Pi 3 / Zero 2 (A53, tract's tuned kernels), Pi 4 (A72), Pi 5 (A76). tract has no A76
         # kind; its A75 kind is the one that knows the fp16 and dot-product extensions A76 has.
+        a76="env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin"
         check aarch64-cortex-a53 env TRACT_CPU_AARCH64_KIND=a53 $qemu -cpu cortex-a53 $bin
         check aarch64-cortex-a72 env TRACT_CPU_AARCH64_KIND=a72 $qemu -cpu cortex-a72 $bin
-        check aarch64-cortex-a76 env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin
-        check_at f16 0.05 aarch64-cortex-a76-f16 env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin
-        check_at int8 0.05 aarch64-cortex-a76-int8 env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin
+        check aarch64-cortex-a76 $a76
+        check_at f16 0.05 aarch64-cortex-a76-f16 $a76
+        check_at int8 0.05 aarch64-cortex-a76-int8 $a76
         ;;
     armv7)
-        triple=armv7-unknown-linux-gnueabihf
-        cargo build --quiet --profile "$profile" -p runtime --target $triple
-        bin=target/$triple/$out/runtime
+        bin=$(cross_build armv7-unknown-linux-gnueabihf)
         qemu="qemu-arm -L /usr/arm-linux-gnueabihf"
         # 32-bit Raspberry Pi OS: Pi 2 (A7); A15 stands for the larger 32-bit cores.
         check armv7-cortex-a7 env TRACT_CPU_ARM32_NEON=true $qemu -cpu cortex-a7 $bin

@@ -103,16 +103,12 @@ pub fn images_under(root: &Path, max: usize) -> Result<Vec<PathBuf>, DatasetErro
     let mut files = image_files(root)?;
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|source| DatasetError::Io {
+        let io = |source| DatasetError::Io {
             path: dir.display().to_string(),
             source,
-        })? {
-            let path = entry
-                .map_err(|source| DatasetError::Io {
-                    path: dir.display().to_string(),
-                    source,
-                })?
-                .path();
+        };
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
             if path.is_dir() {
                 files.extend(image_files(&path)?);
                 dirs.push(path);

@@ -636,8 +636,8 @@ fn quantize(
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
             path.display().to_string(),
         ),
-        None => match runtime::embedded::DEFAULT_MODEL {
-            Some(bytes) => (bytes.to_vec(), "embedded default model".to_string()),
+        None => match runtime::embedded::default_model(None) {
+            Some((bytes, name)) => (bytes.to_vec(), name.to_string()),
             None => bail!("this build has no embedded model (feature embedded-model): pass MODEL"),
         },
     };
@@ -1032,16 +1032,14 @@ fn bench(
         inference.push(t.inference);
     }
     let (pre, inference, total) = (stats(&mut pre), stats(&mut inference), stats(&mut total));
-    let operators = if profile {
-        let mut times = runtime::classifier::Profile::default();
+    let mut times = runtime::classifier::Profile::default();
+    if profile {
         for _ in 0..runs {
             classifier.preprocess(&frame.frame())?;
             classifier.infer_profiled(&mut times)?;
         }
-        times.by_time()
-    } else {
-        Vec::new()
-    };
+    }
+    let operators = times.by_time();
     let per_frame = |time: &Duration| ms(*time) / runs as f64;
     if json {
         let operators: Vec<_> = operators
@@ -1080,7 +1078,7 @@ fn bench(
         );
     }
     if !operators.is_empty() {
-        let all: Duration = operators.iter().map(|(_, time, _)| *time).sum();
+        let all = times.total();
         println!(
             "\n{:<32} {:>9} {:>6} {:>7}",
             "operator", "ms/frame", "share", "calls"

@@ -226,12 +226,13 @@ impl Model {
         }
         let attention_layers = keep.len() - 1;
         model.select_output_outlets(&keep).map_err(tract)?;
-        let mut typed = model
-            .into_typed()
-            .and_then(|typed| typed.into_decluttered())
-            .map_err(tract)?;
+        let mut typed = model.into_typed().map_err(tract)?;
         if precision == Precision::F16 {
-            typed = precision::to_f16(typed).map_err(tract)?;
+            // The translator works on the decluttered graph; into_optimized declutters anyway.
+            typed = typed
+                .into_decluttered()
+                .and_then(precision::to_f16)
+                .map_err(tract)?;
         }
         let optimized = typed.into_optimized().map_err(tract)?;
         let output = optimized.output_fact(0).map_err(tract)?;

@@ -149,13 +149,7 @@ pub fn quantize(
             let (dims, values) = float_values(&weights[w])?;
             let (columns, scales) = quantize_symmetric(&values, &dims, 1);
             let w_q = format!("{w}.int8");
-            initializers.push(TensorProto {
-                name: w_q.clone(),
-                dims: dims.iter().map(|&d| d as i64).collect(),
-                data_type: DataType::Int8 as i32,
-                raw_data: columns.iter().map(|&v| v as u8).collect(),
-                ..Default::default()
-            });
+            initializers.push(int8_tensor(&w_q, &weights[w].dims, &columns));
             quantized_weights.insert(w.clone(), (w_q, scales));
         }
         let (w_q, w_scales) = &quantized_weights[w];
@@ -173,12 +167,8 @@ pub fn quantize(
             &accumulated,
         ));
         let mut cast = plain_node("Cast", &as_float, &[&accumulated], &as_float);
-        cast.attribute.push(AttributeProto {
-            name: "to".into(),
-            r#type: AttributeType::Int as i32,
-            i: DataType::Float as i64,
-            ..Default::default()
-        });
+        cast.attribute
+            .push(int_attribute("to", DataType::Float as i64));
         nodes.push(cast);
         nodes.push(plain_node("Mul", &node.name, &[&as_float, &scale], y));
     }
@@ -190,14 +180,6 @@ pub fn quantize(
     graph.initializer.extend(initializers);
     store_int8(graph)?;
 
-    let report = QuantizeReport {
-        calibration_images: decoded,
-        skipped_images: images.len() - decoded,
-        int8_products,
-        float_products,
-        float_bytes: onnx.len(),
-        int8_bytes: 0,
-    };
     let scheme = serde_json::json!({
         "scheme": "static int8",
         "compute": "int8",
@@ -209,18 +191,16 @@ pub fn quantize(
         "float_products": float_products,
         "calibration_images": decoded,
     });
-    proto.metadata_props.push(StringStringEntryProto {
-        key: key::QUANTIZATION.into(),
-        value: scheme.to_string(),
-    });
-    let bytes = proto.encode_to_vec();
-    Ok((
-        bytes.clone(),
-        QuantizeReport {
-            int8_bytes: bytes.len(),
-            ..report
-        },
-    ))
+    let bytes = encode_with_scheme(proto, &scheme);
+    let report = QuantizeReport {
+        calibration_images: decoded,
+        skipped_images: images.len() - decoded,
+        int8_products,
+        float_products,
+        float_bytes: onnx.len(),
+        int8_bytes: bytes.len(),
+    };
+    Ok((bytes, report))
 }
 
 /// Store every large float constant (weight matrices included) as int8, per output channel,
@@ -245,11 +225,7 @@ pub fn quantize_weights(
         "compute": "f32",
         "weights": "large float constants stored int8, symmetric, per output channel, dequantized at load",
     });
-    proto.metadata_props.push(StringStringEntryProto {
-        key: key::QUANTIZATION.into(),
-        value: scheme.to_string(),
-    });
-    let bytes = proto.encode_to_vec();
+    let bytes = encode_with_scheme(proto, &scheme);
     let report = QuantizeReport {
         calibration_images: 0,
         skipped_images: 0,
@@ -259,6 +235,15 @@ pub fn quantize_weights(
         int8_bytes: bytes.len(),
     };
     Ok((bytes, report))
+}
+
+/// The file's bytes, its metadata recording `scheme` under [`key::QUANTIZATION`].
+fn encode_with_scheme(mut proto: ModelProto, scheme: &serde_json::Value) -> Vec<u8> {
+    proto.metadata_props.push(StringStringEntryProto {
+        key: key::QUANTIZATION.into(),
+        value: scheme.to_string(),
+    });
+    proto.encode_to_vec()
 }
 
 /// Whether a file's quantization (the `vit.quantization` JSON) runs integer arithmetic, as
@@ -395,7 +380,7 @@ fn store_int8(graph: &mut tract_onnx::pb::GraphProto) -> Result<usize, QuantizeE
                     && !overridable.contains(&t.name)
             });
     graph.initializer = kept;
-    let stored = large.len();
+    let count = large.len();
     for tensor in large {
         let (dims, values) = float_values(&tensor)?;
         // One scale per output channel (axis 0) if there are several, else per last axis.
@@ -405,13 +390,9 @@ fn store_int8(graph: &mut tract_onnx::pb::GraphProto) -> Result<usize, QuantizeE
             format!("{}.int8", tensor.name),
             format!("{}.int8.scale", tensor.name),
         );
-        graph.initializer.push(TensorProto {
-            name: stored.clone(),
-            dims: tensor.dims.clone(),
-            data_type: DataType::Int8 as i32,
-            raw_data: quantized.iter().map(|&v| v as u8).collect(),
-            ..Default::default()
-        });
+        graph
+            .initializer
+            .push(int8_tensor(&stored, &tensor.dims, &quantized));
         graph.initializer.push(vector_f32(&scale, &scales));
         let mut dequantize = plain_node(
             "DequantizeLinear",
@@ -419,15 +400,12 @@ fn store_int8(graph: &mut tract_onnx::pb::GraphProto) -> Result<usize, QuantizeE
             &[&stored, &scale],
             &tensor.name,
         );
-        dequantize.attribute.push(AttributeProto {
-            name: "axis".into(),
-            r#type: AttributeType::Int as i32,
-            i: axis as i64,
-            ..Default::default()
-        });
+        dequantize
+            .attribute
+            .push(int_attribute("axis", axis as i64));
         graph.node.insert(0, dequantize);
     }
-    Ok(stored)
+    Ok(count)
 }
 
 /// Float constants at least this large (rank ≥ 2) are stored int8 by [`store_int8`].
@@ -483,6 +461,25 @@ fn plain_node(op: &str, name: &str, inputs: &[&str], output: &str) -> NodeProto 
         name: name.into(),
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+fn int_attribute(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: value,
+        ..Default::default()
+    }
+}
+
+fn int8_tensor(name: &str, dims: &[i64], values: &[i8]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Int8 as i32,
+        raw_data: values.iter().map(|&v| v as u8).collect(),
         ..Default::default()
     }
 }
