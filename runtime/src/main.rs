@@ -49,6 +49,9 @@ enum Command {
     Info {
         #[command(flatten)]
         model: ModelArgs,
+        /// Also the optimised graph tract runs, node by node (operator, settings, output shape).
+        #[arg(long)]
+        graph: bool,
         #[arg(long)]
         json: bool,
     },
@@ -309,7 +312,7 @@ fn run(cli: Cli) -> Result<bool> {
             json,
             logits,
         } => classify(&images, &model, top_k, json, logits),
-        Command::Info { model, json } => info(&model, json).map(|_| true),
+        Command::Info { model, graph, json } => info(&model, graph, json).map(|_| true),
         Command::Logits {
             model,
             input,
@@ -537,7 +540,7 @@ fn logits(args: &ModelArgs, input: &Path, batch: usize, json: bool) -> Result<()
     Ok(())
 }
 
-fn info(args: &ModelArgs, json: bool) -> Result<()> {
+fn info(args: &ModelArgs, graph: bool, json: bool) -> Result<()> {
     let Loaded {
         model,
         source,
@@ -549,9 +552,7 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
     let kernels = model.kernels();
     let operators = model.operators();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
+        let mut report = json!({
                 "source": source,
                 "load_ms": ms(load),
                 "input": {"name": model.input_name, "shape": [1, p.channels, p.image_size, p.image_size], "type": "f32"},
@@ -561,8 +562,11 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
                 "metadata": model.metadata,
                 "cpu": {"arch": std::env::consts::ARCH, "features": features},
                 "tract": {"version": tract_version(), "threads": threads, "precision": model.precision.as_str(), "matmul_kernels": kernels, "operators": operators},
-            }))?
-        );
+        });
+        if graph {
+            report["graph"] = json!(model.graph());
+        }
+        println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     println!(
@@ -618,6 +622,12 @@ fn info(args: &ModelArgs, json: bool) -> Result<()> {
     };
     println!("kernels  {}", list(&kernels));
     println!("ops      {}", list(&operators));
+    if graph {
+        println!("graph");
+        for line in model.graph() {
+            println!("  {line}");
+        }
+    }
     Ok(())
 }
 

@@ -289,6 +289,34 @@ impl Model {
         kernels
     }
 
+    /// The optimised model tract runs, one line per node in evaluation order: name, operator,
+    /// its settings and the output shapes. Shows what the optimiser made of a graph (which
+    /// products fused, where the layouts moved) next to `bench --profile`'s timings.
+    pub fn graph(&self) -> Vec<String> {
+        let model = self.plan.model();
+        model
+            .eval_order()
+            .unwrap_or_else(|_| (0..model.nodes.len()).collect())
+            .into_iter()
+            .map(|id| {
+                let node = &model.nodes[id];
+                let outputs: Vec<String> = node
+                    .outputs
+                    .iter()
+                    .map(|output| format!("{:?},{:?}", output.fact.shape, output.fact.datum_type))
+                    .collect();
+                let info = node.op.info().unwrap_or_default().join("; ");
+                format!(
+                    "{} {} [{}] -> {}",
+                    node.name,
+                    node.op.name(),
+                    info,
+                    outputs.join(", ")
+                )
+            })
+            .collect()
+    }
+
     /// How many nodes of each operator the optimised model runs.
     pub fn operators(&self) -> BTreeMap<String, usize> {
         let mut operators = BTreeMap::new();
