@@ -43,6 +43,7 @@ pub mod overlay;
 pub mod precision;
 pub mod preprocess;
 pub mod quantize;
+pub mod softmax;
 pub mod stream;
 pub mod threads;
 pub mod yuv;

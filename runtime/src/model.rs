@@ -234,7 +234,8 @@ impl Model {
                 .and_then(precision::to_f16)
                 .map_err(tract)?;
         }
-        let optimized = typed.into_optimized().map_err(tract)?;
+        let mut optimized = typed.into_optimized().map_err(tract)?;
+        crate::softmax::use_row_softmax(&mut optimized);
         let output = optimized.output_fact(0).map_err(tract)?;
         let classes = match output.shape.as_concrete() {
             Some(dims) if dims.len() == 2 && dims[0] == 1 => dims[1],

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The README's speed table, measured in one sitting: for each model, median inference ms of this
+# runtime (`runtime bench`), onnxruntime and OpenVINO (tests/peers_bench.py) on the same ONNX, at
+# 1 and 2 threads; the ratio ours / onnxruntime; and the share of the core's f32 FMA peak each
+# reaches (the model's multiply-adds over the time, against 16 f32 multiply-adds per cycle per
+# core — two 256-bit FMA pipes, as on Zen 3 and Intel since Haswell — at the clock measured here
+# by a chain of dependent adds).
+#
+#   tests/speed_table.sh MODEL.onnx …
+#
+# Each measurement is taken ROUNDS times (default 3), alternating ours and the peers, and the
+# median of the medians is reported: the machine is noisy, and alternating spreads its noise
+# over all three runtimes. Needs a release build (cargo build --release -p runtime), the
+# .venv-peers of tests/peers_bench.py (PEERS_PYTHON overrides its path) and gcc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runtime=target/release/runtime
+python=${PEERS_PYTHON:-../.venv-peers/bin/python}
+runs=${RUNS:-200}
+rounds=${ROUNDS:-3}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# One add per cycle through a dependency chain gives the clock the benchmarks run at.
+cat > "$work/clock.c" <<'EOF'
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec a, b;
+    long n = 1000000000L, x = 0;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i += 8)
+        __asm__ volatile("add $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\t"
+                         "add $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0" : "+r"(x));
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.3f\n", n / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9) / 1e9);
+    return x == n ? 0 : 1;
+}
+EOF
+gcc -O2 -o "$work/clock" "$work/clock.c"
+
+ours() { # model threads
+  "$runtime" bench --model "$1" --threads "$2" --runs "$runs" --json |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["inference"]["median_ms"])'
+}
+
+for model in "$@"; do
+  for threads in 1 2; do
+    for round in $(seq "$rounds"); do
+      echo "{\"model\": \"$model\", \"threads\": $threads, \"ours\": $(ours "$model" "$threads"), \"peers\": $("$python" tests/peers_bench.py "$model" "$threads" "$runs")}"
+    done
+  done
+done > "$work/runs.jsonl"
+clock=$(for _ in 1 2 3; do "$work/clock"; done | sort -n | sed -n 2p)
+
+python3 - "$work/runs.jsonl" "$clock" <<'EOF'
+import json, statistics, sys
+from collections import defaultdict
+rows, clock = defaultdict(list), float(sys.argv[2])
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows[(r["model"], r["threads"])].append(r)
+print(f"Clock measured: {clock:.2f} GHz; f32 FMA peak assumed: 16 multiply-adds per cycle per core.\n")
+print("| model | GMAC | threads | ours ms | onnxruntime ms | OpenVINO ms | ours / onnxruntime | ours % peak | onnxruntime % peak |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for (model, threads), runs in rows.items():
+    median = lambda values: statistics.median(values)
+    ours = median([r["ours"] for r in runs])
+    ort = median([r["peers"]["onnxruntime"]["median_ms"] for r in runs])
+    ov = [r["peers"]["openvino"].get("median_ms") for r in runs]
+    ov = f"{median(ov):.2f}" if None not in ov else "–"
+    macs = runs[0]["peers"]["macs"]
+    peak = 16 * clock * 1e9 * threads
+    share = lambda ms: f"{100 * macs / (ms / 1e3) / peak:.0f} %"
+    print(f"| {model} | {macs / 1e9:.3f} | {threads} | {ours:.2f} | {ort:.2f} | {ov} | {ours / ort:.2f} | {share(ours)} | {share(ort)} |")
+first = next(iter(rows.values()))[0]["peers"]
+print(f"\nonnxruntime {first['onnxruntime']['version']}, OpenVINO {first['openvino'].get('version', '–')}; "
+      "median inference of the medians of rounds alternating the three runtimes.")
+EOF
