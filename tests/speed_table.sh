@@ -11,10 +11,11 @@
 # Each measurement is taken ROUNDS times (default 3), alternating ours and the peers, and the
 # median of the medians is reported: the machine is noisy, and alternating spreads its noise
 # over all three runtimes. Needs a release build (cargo build --release -p runtime), the
-# .venv-peers of tests/peers_bench.py (PEERS_PYTHON overrides its path) and gcc.
+# .venv-peers of tests/peers_bench.py (PEERS_PYTHON overrides its path) and gcc. RUNTIME names
+# another runtime binary to measure (an older build, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runtime=target/release/runtime
+runtime=${RUNTIME:-target/release/runtime}
 python=${PEERS_PYTHON:-../.venv-peers/bin/python}
 runs=${RUNS:-200}
 rounds=${ROUNDS:-3}
