@@ -39,14 +39,15 @@ impl EvalOp for RowSoftmax {
             return self.original.eval(ctx, tvec!(input));
         }
         let mut output = input.into_tensor();
-        let mut plain = output.try_as_plain_ram_mut()?;
-        let data = plain.as_slice_mut::<f32>()?;
-        let total = data.len();
-        tract_linalg::multithread::par_chunks_mut(data, row_len, total, |_, rows| {
-            softmax_rows(rows, row_len);
-            Ok(())
-        })?;
-        drop(plain);
+        {
+            let mut plain = output.try_as_plain_ram_mut()?;
+            let data = plain.as_slice_mut::<f32>()?;
+            let total = data.len();
+            tract_linalg::multithread::par_chunks_mut(data, row_len, total, |_, rows| {
+                softmax_rows(rows, row_len);
+                Ok(())
+            })?;
+        }
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -176,7 +177,7 @@ fn exp_non_positive<const FMA: bool>(x: f32) -> f32 {
     p = multiply_add::<FMA>(p, r, 8.333_452e-3);
     p = multiply_add::<FMA>(p, r, 4.166_579_6e-2);
     p = multiply_add::<FMA>(p, r, 1.666_666_5e-1);
-    p = multiply_add::<FMA>(p, r, 5.000_000_1e-1);
+    p = multiply_add::<FMA>(p, r, 0.5);
     let e_r = multiply_add::<FMA>(p, r * r, r) + 1.0;
     e_r * f32::from_bits(((exponent + 127) as u32) << 23)
 }
