@@ -37,6 +37,7 @@ pub mod explain;
 pub mod ffi;
 pub mod frame_source;
 pub mod latency;
+pub mod layer_norm;
 pub mod metadata;
 pub mod model;
 pub mod overlay;

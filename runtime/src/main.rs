@@ -291,6 +291,13 @@ impl ModelArgs {
 }
 
 fn main() {
+    // `runtime classify … | head` should end quietly when the reader goes away, as other
+    // Unix tools do; Rust's runtime ignores SIGPIPE, which turns that into a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: set once at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match run(Cli::parse()) {
         Ok(true) => {}

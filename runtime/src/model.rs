@@ -100,7 +100,7 @@ impl Model {
 
     pub fn from_bytes(bytes: &[u8], options: &ModelOptions) -> Result<Model, ModelError> {
         let tract = |e: tract_onnx::prelude::TractError| ModelError::Tract(format!("{e:#}"));
-        let onnx = tract_onnx::onnx();
+        let mut onnx = tract_onnx::onnx();
         // Parse the protobuf first so a non-ONNX file gets its own error, not a tract trace.
         let proto = onnx
             .proto_model_for_read(&mut &bytes[..])
@@ -134,6 +134,10 @@ impl Model {
                 )));
             }
             _ => {}
+        }
+        if precision != Precision::F16 {
+            // f16's translator knows tract's own operators only.
+            crate::layer_norm::register(&mut onnx);
         }
         let mut model = onnx.model_for_proto_model(&proto).map_err(tract)?;
 

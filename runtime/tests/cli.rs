@@ -212,3 +212,24 @@ fn eval_refuses_a_class_folder_the_model_does_not_know() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("\"giraffe\""), "{err}");
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_quietly() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    // `runtime classify --json … | head -c 16`, with more output than a pipe holds.
+    let sample = sample();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .arg("classify")
+        .arg("--json")
+        .args(std::iter::repeat_n(&sample, 2000))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let message = stderr(&output);
+    assert!(!message.contains("panicked"), "{message}");
+}
