@@ -127,6 +127,28 @@ pub struct NewRun {
     pub stop_after: Option<usize>,
 }
 
+impl NewRun {
+    /// `preset` trained on `data` with `recipe`, everything else as `exporter train` defaults
+    /// it: the preset's architecture, channel count and augmentation decided from the data,
+    /// mean and std 0.5, squash resizing, the `flex` backend, the whole schedule in one call.
+    pub fn new(data: PathBuf, preset: Preset, recipe: Recipe) -> NewRun {
+        NewRun {
+            data,
+            preset,
+            overrides: ModelOverrides::default(),
+            recipe,
+            augment: None,
+            crop_min_area: None,
+            channels: None,
+            mean: None,
+            std: None,
+            resize: runtime::ResizeMode::default(),
+            backend: "flex".into(),
+            stop_after: None,
+        }
+    }
+}
+
 /// Command-line overrides of a preset's architecture.
 #[derive(Clone, Debug, Default)]
 pub struct ModelOverrides {

@@ -3,32 +3,23 @@
 
 use exporter::Preset;
 use exporter::export::{self, ExportError, ExportOptions};
-use exporter::training::{self, ModelOverrides, NewRun, Recipe};
+use exporter::training::{self, NewRun, Recipe};
 use std::path::{Path, PathBuf};
 
 fn trained_run(dir: &Path) -> PathBuf {
     let data = dir.join("data");
     exporter::synthetic::write_dataset(&data, 3, 12, 20, 24, 3).unwrap();
     let run = dir.join("run");
-    let new = NewRun {
+    let new = NewRun::new(
         data,
-        preset: Preset::Tiny,
-        overrides: ModelOverrides::default(),
-        recipe: Recipe {
+        Preset::Tiny,
+        Recipe {
             epochs: 2,
             batch_size: 8,
             learning_rate: 3e-3,
             ..Recipe::default()
         },
-        augment: None,
-        crop_min_area: None,
-        channels: None,
-        mean: None,
-        std: None,
-        resize: runtime::ResizeMode::Squash,
-        backend: "flex".into(),
-        stop_after: None,
-    };
+    );
     training::train(new, &run, &mut ()).unwrap();
     run
 }

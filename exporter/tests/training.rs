@@ -3,16 +3,15 @@
 
 use exporter::Preset;
 use exporter::data::{Batcher, ImageFolder, ImageSet, PreparedSet, Source};
-use exporter::training::{self, ModelOverrides, NewRun, Recipe, TrainSummary};
+use exporter::training::{self, NewRun, Recipe, TrainSummary};
 use rand::SeedableRng;
 use std::path::Path;
 
 fn new_run(data: &Path, epochs: usize) -> NewRun {
-    NewRun {
-        data: data.to_path_buf(),
-        preset: Preset::Tiny,
-        overrides: ModelOverrides::default(),
-        recipe: Recipe {
+    NewRun::new(
+        data.to_path_buf(),
+        Preset::Tiny,
+        Recipe {
             epochs,
             batch_size: 4,
             learning_rate: 5e-3,
@@ -21,15 +20,7 @@ fn new_run(data: &Path, epochs: usize) -> NewRun {
             seed: 7,
             ..Recipe::default()
         },
-        augment: None,
-        crop_min_area: None,
-        channels: None,
-        mean: None,
-        std: None,
-        resize: runtime::ResizeMode::Squash,
-        backend: "flex".into(),
-        stop_after: None,
-    }
+    )
 }
 
 fn dataset(dir: &Path) -> std::path::PathBuf {

@@ -7,7 +7,7 @@
 
 use exporter::Preset;
 use exporter::export::{self, ExportOptions};
-use exporter::training::{self, ModelOverrides, NewRun, Recipe};
+use exporter::training::{self, NewRun, Recipe};
 use runtime::{Classifier, Model, ModelOptions, Precision, decode_file};
 
 #[test]
@@ -16,24 +16,15 @@ fn a_video_model_quantizes_to_a_file_at_least_3_5_times_smaller() {
     let data = dir.path().join("data");
     exporter::synthetic::write_dataset(&data, 2, 4, 48, 48, 11).unwrap();
     let run = dir.path().join("run");
-    let new = NewRun {
-        data: data.clone(),
-        preset: Preset::Video,
-        overrides: ModelOverrides::default(),
-        recipe: Recipe {
+    let new = NewRun::new(
+        data.clone(),
+        Preset::Video,
+        Recipe {
             epochs: 1,
             batch_size: 4,
             ..Recipe::default()
         },
-        augment: None,
-        crop_min_area: None,
-        channels: None,
-        mean: None,
-        std: None,
-        resize: runtime::ResizeMode::Squash,
-        backend: "flex".into(),
-        stop_after: None,
-    };
+    );
     training::train(new, &run, &mut ()).unwrap();
     let onnx = dir.path().join("model.onnx");
     export::export(&run, &onnx, &ExportOptions::default()).unwrap();

@@ -3,7 +3,7 @@
 
 use exporter::Preset;
 use exporter::export::{self, ExportOptions};
-use exporter::training::{self, ModelOverrides, NewRun, Recipe};
+use exporter::training::{self, NewRun, Recipe};
 use runtime::{Classifier, Model, ModelOptions};
 use std::path::Path;
 
@@ -11,25 +11,16 @@ fn trained_run(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("data");
     exporter::synthetic::write_dataset(&data, 3, 12, 20, 24, 5).unwrap();
     let run = dir.join("run");
-    let new = NewRun {
+    let new = NewRun::new(
         data,
-        preset: Preset::Tiny,
-        overrides: ModelOverrides::default(),
-        recipe: Recipe {
+        Preset::Tiny,
+        Recipe {
             epochs: 2,
             batch_size: 4,
             learning_rate: 5e-3,
             ..Recipe::default()
         },
-        augment: None,
-        crop_min_area: None,
-        channels: None,
-        mean: None,
-        std: None,
-        resize: runtime::ResizeMode::Squash,
-        backend: "flex".into(),
-        stop_after: None,
-    };
+    );
     training::train(new, &run, &mut ()).unwrap();
     run
 }
