@@ -8,6 +8,7 @@
 //! in L1. Other LayerNormalization forms (another axis, no bias, the optional mean and
 //! inverse-deviation outputs) keep tract's own expansion.
 
+use crate::rows::{LANES, update_rows};
 use std::sync::OnceLock;
 use tract_onnx::model::{Onnx, ParsingContext};
 use tract_onnx::pb::NodeProto;
@@ -88,25 +89,20 @@ impl Expansion for LastAxisLayerNormExpansion {
                 "LayerNormalization {name} has shape {shape:?}, the normalised axis {width}"
             );
         }
-        // Statistics in f32 (the ONNX default stash type), whatever the tensors are stored in.
-        let dt = fact.datum_type;
-        let mut wired: TVec<OutletId> = inputs.into();
-        if dt != f32::datum_type() {
-            for (index, input) in wired.iter_mut().enumerate() {
-                let name = format!("{prefix}.to_f32.{index}");
-                *input = model.wire_node(name, cast(f32::datum_type()), &[*input])?[0];
-            }
-        }
-        let epsilon_bits = self.epsilon.to_bits();
-        let name = if dt == f32::datum_type() {
-            prefix.to_string()
-        } else {
-            format!("{prefix}.f32")
+        let op = LastAxisLayerNorm {
+            epsilon_bits: self.epsilon.to_bits(),
         };
-        let normalised = model.wire_node(name, LastAxisLayerNorm { epsilon_bits }, &wired)?;
+        let dt = fact.datum_type;
         if dt == f32::datum_type() {
-            return Ok(normalised);
+            return model.wire_node(prefix, op, inputs);
         }
+        // Statistics in f32 (the ONNX default stash type), whatever the tensors are stored in.
+        let mut wired = TVec::new();
+        for (index, input) in inputs.iter().enumerate() {
+            let name = format!("{prefix}.to_f32.{index}");
+            wired.push(model.wire_node(name, cast(f32::datum_type()), &[*input])?[0]);
+        }
+        let normalised = model.wire_node(format!("{prefix}.f32"), op, &wired)?;
         model.wire_node(prefix, cast(dt), &normalised)
     }
 }
@@ -143,17 +139,8 @@ impl EvalOp for LastAxisLayerNorm {
         let (scale, bias) = (scale.as_slice::<f32>()?, bias.as_slice::<f32>()?);
         ensure!(width > 0 && scale.len() == width && bias.len() == width);
         let epsilon = f32::from_bits(self.epsilon_bits);
-        let mut output = x.into_tensor();
-        {
-            let mut plain = output.try_as_plain_ram_mut()?;
-            let data = plain.as_slice_mut::<f32>()?;
-            let total = data.len();
-            tract_linalg::multithread::par_chunks_mut(data, width, total, |_, rows| {
-                normalise_rows(rows, scale, bias, epsilon);
-                Ok(())
-            })?;
-        }
-        Ok(tvec!(output.into_tvalue()))
+        let output = update_rows(x, width, |rows| normalise_rows(rows, scale, bias, epsilon))?;
+        Ok(tvec!(output))
     }
 }
 
@@ -182,8 +169,6 @@ pub fn normalise_rows(rows: &mut [f32], scale: &[f32], bias: &[f32], epsilon: f3
 unsafe fn normalise_rows_avx2(rows: &mut [f32], scale: &[f32], bias: &[f32], epsilon: f32) {
     normalise_rows_portable(rows, scale, bias, epsilon);
 }
-
-const LANES: usize = 8;
 
 /// Sum of `f(x)` over `row`, in lanes the compiler can keep in one vector register.
 #[inline(always)]
@@ -215,8 +200,6 @@ fn normalise_rows_portable(rows: &mut [f32], scale: &[f32], bias: &[f32], epsilo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
-    use tract_onnx::pb;
 
     fn reference(row: &[f32], scale: &[f32], bias: &[f32], epsilon: f64) -> Vec<f32> {
         let n = row.len() as f64;
@@ -255,118 +238,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// A one-node ONNX model: LayerNormalization of a [2, 5, width] input over `axis`.
-    fn layer_norm_model(width: usize, axis: i64) -> Vec<u8> {
-        let initializer = |name: &str, data: Vec<f32>| pb::TensorProto {
-            name: name.into(),
-            dims: vec![data.len() as i64],
-            data_type: pb::tensor_proto::DataType::Float as i32,
-            float_data: data,
-            ..Default::default()
-        };
-        let value = |name: &str, dims: &[i64]| pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: pb::tensor_proto::DataType::Float as i32,
-                    shape: Some(pb::TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|&d| pb::tensor_shape_proto::Dimension {
-                                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let shape = [2, 5, width as i64];
-        let normalised: usize = shape[axis as usize..].iter().product::<i64>() as usize;
-        let node = pb::NodeProto {
-            op_type: "LayerNormalization".into(),
-            input: vec!["x".into(), "scale".into(), "bias".into()],
-            output: vec!["y".into()],
-            attribute: vec![pb::AttributeProto {
-                name: "axis".into(),
-                i: if axis == 2 { -1 } else { axis },
-                r#type: pb::attribute_proto::AttributeType::Int as i32,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let scale_shape: Vec<i64> = shape[axis as usize..].to_vec();
-        let mut scale = initializer("scale", values(normalised, 5, 1.0));
-        scale.dims = scale_shape.clone();
-        let mut bias = initializer("bias", values(normalised, 6, 0.0));
-        bias.dims = scale_shape;
-        pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(pb::GraphProto {
-                node: vec![node],
-                initializer: vec![scale, bias],
-                input: vec![value("x", &shape)],
-                output: vec![value("y", &shape)],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-        .encode_to_vec()
-    }
-
-    fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (a.try_as_plain_ram().unwrap(), b.try_as_plain_ram().unwrap());
-        let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
-
-    fn run(onnx: &Onnx, bytes: &[u8], input: &Tensor) -> (Tensor, Vec<String>) {
-        let model = onnx.model_for_read(&mut &bytes[..]).unwrap();
-        let model = model.into_optimized().unwrap();
-        let ops = model
-            .nodes
-            .iter()
-            .map(|n| n.op.name().to_string())
-            .collect();
-        let plan = model.into_runnable().unwrap();
-        let output = plan.run(tvec!(input.clone().into())).unwrap();
-        (output[0].clone().into_tensor(), ops)
-    }
-
-    #[test]
-    fn the_parser_builds_one_node_and_gives_tracts_answer() {
-        let mut fused = tract_onnx::onnx();
-        register(&mut fused);
-        let stock = tract_onnx::onnx();
-        let input = tensor1(&values(2 * 5 * 64, 9, 3.0))
-            .into_shape(&[2, 5, 64])
-            .unwrap();
-
-        let last_axis = layer_norm_model(64, 2);
-        let (ours, ops) = run(&fused, &last_axis, &input);
-        assert!(ops.iter().any(|op| op == "LastAxisLayerNorm"), "{ops:?}");
-        let (theirs, stock_ops) = run(&stock, &last_axis, &input);
-        assert!(!stock_ops.iter().any(|op| op == "LastAxisLayerNorm"));
-        // Outputs are within ±4; the two differ only in rounding order.
-        assert!(largest_difference(&ours, &theirs) < 1e-5);
-
-        // Over two axes the stock expansion still runs, and still agrees.
-        let two_axes = layer_norm_model(64, 1);
-        let (ours, ops) = run(&fused, &two_axes, &input);
-        assert!(!ops.iter().any(|op| op == "LastAxisLayerNorm"), "{ops:?}");
-        let (theirs, _) = run(&stock, &two_axes, &input);
-        assert_eq!(largest_difference(&ours, &theirs), 0.0);
     }
 }

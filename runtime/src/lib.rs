@@ -44,6 +44,7 @@ pub mod overlay;
 pub mod precision;
 pub mod preprocess;
 pub mod quantize;
+mod rows;
 pub mod softmax;
 pub mod stream;
 pub mod threads;

@@ -8,6 +8,7 @@
 //! in place with loops the compiler vectorises (AVX2 + FMA when the CPU has them, NEON on
 //! aarch64), and [`use_row_softmax`] swaps it in for tract's op after optimisation.
 
+use crate::rows::{LANES, update_rows};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
@@ -38,17 +39,8 @@ impl EvalOp for RowSoftmax {
         {
             return self.original.eval(ctx, tvec!(input));
         }
-        let mut output = input.into_tensor();
-        {
-            let mut plain = output.try_as_plain_ram_mut()?;
-            let data = plain.as_slice_mut::<f32>()?;
-            let total = data.len();
-            tract_linalg::multithread::par_chunks_mut(data, row_len, total, |_, rows| {
-                softmax_rows(rows, row_len);
-                Ok(())
-            })?;
-        }
-        Ok(tvec!(output.into_tvalue()))
+        let output = update_rows(input, row_len, |rows| softmax_rows(rows, row_len))?;
+        Ok(tvec!(output))
     }
 }
 
@@ -101,8 +93,6 @@ pub fn softmax_rows(rows: &mut [f32], row_len: usize) {
 unsafe fn softmax_rows_avx2_fma(rows: &mut [f32], row_len: usize) {
     softmax_rows_with::<true>(rows, row_len);
 }
-
-const LANES: usize = 8;
 
 #[inline(always)]
 fn softmax_rows_with<const FMA: bool>(rows: &mut [f32], row_len: usize) {

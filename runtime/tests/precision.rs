@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{repo, runtime, stderr};
-use prost::Message;
+use common::{float_value_info, onnx_file, repo, runtime, stderr};
 use runtime::tract_onnx::pb;
 use runtime::{Classifier, Model, ModelOptions, Precision, decode_file};
 use std::path::PathBuf;
@@ -204,25 +203,6 @@ fn reshape_and_add_model() -> Vec<u8> {
         output: vec![output.into()],
         ..Default::default()
     };
-    let value = |name: &str, dims: &[i64]| pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     let graph = pb::GraphProto {
         name: "no_matmul".into(),
         node: vec![
@@ -246,18 +226,9 @@ fn reshape_and_add_model() -> Vec<u8> {
                     .collect(),
             ),
         ],
-        input: vec![value("pixels", &[1, 1, 2, 2])],
-        output: vec![value("logits", &[1, 4])],
+        input: vec![float_value_info("pixels", &[1, 1, 2, 2])],
+        output: vec![float_value_info("logits", &[1, 4])],
         ..Default::default()
     };
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    onnx_file(graph)
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that drive the `runtime` binary.
 #![allow(dead_code)] // each test file uses its own subset
 
+use prost::Message;
+use runtime::tract_onnx::pb;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -23,4 +25,40 @@ pub fn stderr(output: &Output) -> String {
 
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A graph input or output: f32 of fixed `dims`.
+pub fn float_value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|&d| pb::tensor_shape_proto::Dimension {
+            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+            ..Default::default()
+        })
+        .collect();
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: pb::tensor_proto::DataType::Float as i32,
+                shape: Some(pb::TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `graph` as an opset-17 ONNX file.
+pub fn onnx_file(graph: pb::GraphProto) -> Vec<u8> {
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
 }
