@@ -5,9 +5,12 @@
 
 use burn::tensor::Device;
 
+/// The backend `exporter train` uses unless told otherwise.
+pub const DEFAULT: &str = "flex";
+
 /// The backends this build was compiled with, for `--backend` and error messages.
 pub fn available() -> Vec<&'static str> {
-    let mut names = vec!["flex"];
+    let mut names = vec![DEFAULT];
     if cfg!(feature = "ndarray") {
         names.push("ndarray");
     }

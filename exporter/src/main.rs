@@ -127,7 +127,7 @@ struct TrainArgs {
     #[arg(long, default_value = "squash")]
     resize: runtime::ResizeMode,
     /// burn backend to train on.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = exporter::backend::DEFAULT)]
     backend: String,
     /// Stop after this many epochs of this invocation, keeping the whole schedule; continue
     /// later with --resume (for runs longer than one sitting).

@@ -143,7 +143,7 @@ impl NewRun {
             mean: None,
             std: None,
             resize: runtime::ResizeMode::default(),
-            backend: "flex".into(),
+            backend: crate::backend::DEFAULT.into(),
             stop_after: None,
         }
     }
