@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod dropout;
 pub mod eval;
 pub mod export;
 pub mod fashion_mnist;

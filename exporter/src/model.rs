@@ -11,6 +11,8 @@ use burn::tensor::Distribution;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+use crate::dropout;
+
 /// LayerNorm epsilon, shared with the ONNX export (PyTorch's default).
 pub const LAYER_NORM_EPSILON: f64 = 1e-5;
 
@@ -255,7 +257,7 @@ impl EncoderBlock {
         let (attended, weights) = self
             .attention
             .forward_with_weights(self.attention_norm.forward(x.clone()));
-        let x = x + self.dropout.forward(attended);
+        let x = x + dropout::forward(&self.dropout, attended);
         let transformed = self.mlp.forward(self.mlp_norm.forward(x.clone()));
         (x + transformed, weights)
     }
@@ -305,9 +307,7 @@ impl SelfAttention {
             .mul_scalar(1.0 / (head_dim as f64).sqrt())
             .matmul(k.swap_dims(2, 3));
         let weights = row_softmax(scores);
-        let context = self
-            .dropout
-            .forward(weights.clone())
+        let context = dropout::forward(&self.dropout, weights.clone())
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, tokens, dim]);
@@ -346,10 +346,11 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = self
-            .dropout
-            .forward(self.activation.forward(self.hidden.forward(x)));
-        self.dropout.forward(self.output.forward(x))
+        let x = dropout::forward(
+            &self.dropout,
+            self.activation.forward(self.hidden.forward(x)),
+        );
+        dropout::forward(&self.dropout, self.output.forward(x))
     }
 }
 
