@@ -28,6 +28,7 @@
 //! C and C++ programs use the same classifier through [`ffi`] and `include/vit_runtime.h`.
 
 pub mod atomic_file;
+pub mod attention;
 pub mod classifier;
 pub mod dataset;
 pub mod decode;

@@ -230,13 +230,16 @@ impl Model {
         }
         let attention_layers = keep.len() - 1;
         model.select_output_outlets(&keep).map_err(tract)?;
-        let mut typed = model.into_typed().map_err(tract)?;
+        // The f16 translator and the attention fusion work on the decluttered graph;
+        // into_optimized declutters anyway.
+        let mut typed = model
+            .into_typed()
+            .and_then(|typed| typed.into_decluttered())
+            .map_err(tract)?;
         if precision == Precision::F16 {
-            // The translator works on the decluttered graph; into_optimized declutters anyway.
-            typed = typed
-                .into_decluttered()
-                .and_then(precision::to_f16)
-                .map_err(tract)?;
+            typed = precision::to_f16(typed).map_err(tract)?;
+        } else {
+            crate::attention::fuse_attention(&mut typed).map_err(tract)?;
         }
         let mut optimized = typed.into_optimized().map_err(tract)?;
         crate::softmax::use_row_softmax(&mut optimized);

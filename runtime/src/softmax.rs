@@ -107,7 +107,7 @@ fn softmax_rows_with<const FMA: bool>(rows: &mut [f32], row_len: usize) {
 }
 
 #[inline(always)]
-fn row_max(row: &[f32]) -> f32 {
+pub(crate) fn row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -124,7 +124,7 @@ fn row_max(row: &[f32]) -> f32 {
 
 /// `row[i] = exp(row[i] - max)`; returns their sum.
 #[inline(always)]
-fn exp_in_place<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
+pub(crate) fn exp_in_place<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
     let mut lanes = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {

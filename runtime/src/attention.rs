@@ -1,0 +1,596 @@
+//! Attention's core (`softmax(scale · q kᵀ) v`) as one operator.
+//!
+//! tract 0.23.9 runs it as two matrix products around a softmax, and packs every operand
+//! (q, k, the scores, v) into its kernel layout on every run. With many tokens and a small
+//! head the packing and the scores' round trip through memory cost more than the arithmetic:
+//! at the `seed` preset's 1297 tokens and head size 16, attention was nearly all of the
+//! inference time. [`TokenMajorAttention`] reads q, k and v where the QKV projection left
+//! them (`[tokens, heads, head size]`), keeps a block of score rows in L1 between the two
+//! products, and never writes the scores out. [`fuse_attention`] puts it in place of the
+//! four operators in a decluttered model.
+
+use std::cell::RefCell;
+
+use crate::rows::LANES;
+use crate::softmax::{exp_in_place, row_max};
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+
+/// Scaled dot-product attention over f32 `q [queries, heads, d]`, `k [keys, heads, d]` and
+/// `v [keys, heads, dv]`, giving `[queries, heads, dv]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenMajorAttention {
+    pub scale: f32,
+}
+
+impl std::hash::Hash for TokenMajorAttention {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.scale.to_bits().hash(state);
+    }
+}
+
+impl Eq for TokenMajorAttention {}
+
+impl Op for TokenMajorAttention {
+    fn name(&self) -> StaticName {
+        "TokenMajorAttention".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("scale: {}", self.scale)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for TokenMajorAttention {
+    op_out_of_plan!();
+
+    fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (q, k, v) = args_3!(inputs);
+        let shape = Shape::of(&q, &k, &v)?;
+        let mut output = Tensor::zero::<f32>(&[shape.queries, shape.heads, shape.value_size])?;
+        let (q, k, v) = (
+            q.try_as_plain_ram()?,
+            k.try_as_plain_ram()?,
+            v.try_as_plain_ram()?,
+        );
+        {
+            let mut out = output.try_as_plain_ram_mut()?;
+            let (q, k, v) = (q.as_slice()?, k.as_slice()?, v.as_slice()?);
+            attend(shape, self.scale, q, k, v, out.as_slice_mut()?)?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for TokenMajorAttention {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 3 && inputs.iter().all(|f| f.rank() == 3));
+        let (q, v) = (&inputs[0].shape, &inputs[2].shape);
+        Ok(tvec!(f32::fact([q[0].clone(), q[1].clone(), v[2].clone()])))
+    }
+
+    as_op!();
+}
+
+/// The sizes of one evaluation.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    queries: usize,
+    keys: usize,
+    heads: usize,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl Shape {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> TractResult<Shape> {
+        for t in [q, k, v] {
+            ensure!(t.datum_type() == f32::datum_type() && t.rank() == 3);
+            ensure!(t.strides() == &*Tensor::natural_strides(t.shape()));
+        }
+        let [queries, heads, key_size] = [q.shape()[0], q.shape()[1], q.shape()[2]];
+        let [keys, value_size] = [k.shape()[0], v.shape()[2]];
+        ensure!(
+            k.shape() == [keys, heads, key_size] && v.shape() == [keys, heads, value_size],
+            "attention operands q {:?}, k {:?}, v {:?} do not agree",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+        Ok(Shape {
+            queries,
+            keys,
+            heads,
+            key_size,
+            value_size,
+        })
+    }
+}
+
+/// Query rows computed together: each key (and value) vector loaded feeds this many of them.
+/// (`context_tile` zips exactly four weight rows.)
+const ROWS: usize = 4;
+/// Keys per score tile and value columns per output tile: two AVX2 vectors (four NEON ones),
+/// so [`ROWS`] rows keep eight accumulators busy, enough to cover the FMA latency.
+const TILE: usize = 2 * LANES;
+/// Multiply-adds from which the query rows are spread over threads.
+const PARALLEL_MACS: usize = 1 << 21;
+
+thread_local! {
+    /// Reused between frames: k and v in tiles on the calling thread, a block of scores on
+    /// every worker.
+    static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// k and v of every head, rearranged once per evaluation so that the inner loops read them
+/// front to back: `keys[h][key tile][d][TILE]` and `values[h][column tile][key][TILE]`,
+/// zero-padded to whole tiles.
+struct Panels<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// Keys rounded up to a whole number of tiles.
+    padded_keys: usize,
+    column_tiles: usize,
+}
+
+impl Panels<'_> {
+    fn keys_of(&self, head: usize, key_size: usize) -> &[f32] {
+        let len = self.padded_keys * key_size;
+        &self.keys[head * len..][..len]
+    }
+
+    fn values_of(&self, head: usize) -> &[f32] {
+        let len = self.column_tiles * self.padded_keys * TILE;
+        &self.values[head * len..][..len]
+    }
+}
+
+/// `output = softmax(scale · q kᵀ) v` per head, the query rows spread over tract's threads.
+fn attend(
+    shape: Shape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    output: &mut [f32],
+) -> TractResult<()> {
+    if shape.queries == 0 || shape.heads == 0 || shape.value_size == 0 {
+        return Ok(());
+    }
+    PANELS.with_borrow_mut(|buffer| {
+        let job = Job {
+            shape,
+            scale,
+            q,
+            panels: pack(shape, k, v, buffer),
+        };
+        let macs = shape.heads * shape.queries * shape.keys * (shape.key_size + shape.value_size);
+        // Below about 50 µs of arithmetic, waking a second thread costs more than it saves
+        // (the default model's core is 0.3 M multiply-adds); tract's own gate counts elements.
+        let work = if macs >= PARALLEL_MACS { macs } else { 0 };
+        let row_len = shape.heads * shape.value_size;
+        tract_linalg::multithread::par_chunks_mut(output, row_len, work, |first_query, out| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let len = ROWS * (shape.key_size + job.panels.padded_keys);
+                scratch.resize(len, 0.0);
+                attend_queries(&job, first_query, out, scratch);
+            });
+            Ok(())
+        })
+    })
+}
+
+/// Rearranges k and v into `buffer` (see [`Panels`]).
+fn pack<'a>(shape: Shape, k: &[f32], v: &[f32], buffer: &'a mut Vec<f32>) -> Panels<'a> {
+    let Shape {
+        keys,
+        heads,
+        key_size,
+        value_size,
+        ..
+    } = shape;
+    let padded_keys = keys.next_multiple_of(TILE);
+    let column_tiles = value_size.div_ceil(TILE);
+    let keys_len = heads * padded_keys * key_size;
+    let values_len = heads * column_tiles * padded_keys * TILE;
+    buffer.clear();
+    buffer.resize(keys_len + values_len, 0.0);
+    let (key_panels, value_panels) = buffer.split_at_mut(keys_len);
+    for (j, (k_row, v_row)) in k
+        .chunks_exact(heads * key_size)
+        .zip(v.chunks_exact(heads * value_size))
+        .enumerate()
+    {
+        let (tile, lane) = (j / TILE, j % TILE);
+        for h in 0..heads {
+            let panel = &mut key_panels[h * padded_keys * key_size..];
+            for (d, &x) in k_row[h * key_size..][..key_size].iter().enumerate() {
+                panel[(tile * key_size + d) * TILE + lane] = x;
+            }
+            let panel = &mut value_panels[h * column_tiles * padded_keys * TILE..];
+            for (c, &x) in v_row[h * value_size..][..value_size].iter().enumerate() {
+                panel[((c / TILE) * padded_keys + j) * TILE + c % TILE] = x;
+            }
+        }
+    }
+    Panels {
+        keys: key_panels,
+        values: value_panels,
+        padded_keys,
+        column_tiles,
+    }
+}
+
+/// What every worker reads.
+struct Job<'a> {
+    shape: Shape,
+    scale: f32,
+    q: &'a [f32],
+    panels: Panels<'a>,
+}
+
+fn attend_queries(job: &Job, first_query: usize, out: &mut [f32], scratch: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        unsafe { attend_queries_avx2_fma(job, first_query, out, scratch) };
+        return;
+    }
+    // aarch64 always has a fused multiply-add; elsewhere `mul_add` would be a libm call.
+    attend_queries_with::<{ cfg!(target_arch = "aarch64") }>(job, first_query, out, scratch);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_queries_avx2_fma(
+    job: &Job,
+    first_query: usize,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    attend_queries_with::<true>(job, first_query, out, scratch);
+}
+
+/// The output rows `out` (whole query tokens from `first_query` on), block by block of
+/// [`ROWS`] queries of one head. A last, partial block runs as a whole one on zero queries
+/// whose results are dropped.
+#[inline(always)]
+fn attend_queries_with<const FMA: bool>(
+    job: &Job,
+    first_query: usize,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let Job {
+        shape,
+        scale,
+        q,
+        ref panels,
+    } = *job;
+    let Shape {
+        keys,
+        heads,
+        key_size,
+        value_size,
+        ..
+    } = shape;
+    let padded_keys = panels.padded_keys;
+    let queries = out.len() / (heads * value_size);
+    // q of the block by dimension (`[d][ROWS]`), and its score rows.
+    let (q_block, scores) = scratch.split_at_mut(ROWS * key_size);
+    let scores = &mut scores[..ROWS * padded_keys];
+    for head in 0..heads {
+        let key_panel = panels.keys_of(head, key_size);
+        let value_panel = panels.values_of(head);
+        for block in (0..queries).step_by(ROWS) {
+            let rows = ROWS.min(queries - block);
+            q_block.fill(0.0);
+            for r in 0..rows {
+                let token = first_query + block + r;
+                let q_row = &q[(token * heads + head) * key_size..][..key_size];
+                for (d, &x) in q_row.iter().enumerate() {
+                    q_block[d * ROWS + r] = x * scale;
+                }
+            }
+            for (t, tile) in key_panel.chunks_exact(key_size * TILE).enumerate() {
+                let tile_scores = scores_tile::<FMA>(q_block, tile);
+                for (r, tile_scores) in tile_scores.iter().enumerate() {
+                    scores[r * padded_keys + t * TILE..][..TILE].copy_from_slice(tile_scores);
+                }
+            }
+            // Softmax without its division: the context's few values are divided instead.
+            let mut sums = [0f32; ROWS];
+            let mut weights = scores
+                .chunks_exact_mut(padded_keys)
+                .map(|row| &mut row[..keys]);
+            for sum in &mut sums {
+                let row = weights.next().unwrap();
+                *sum = exp_in_place::<FMA>(row, row_max(row));
+            }
+            let weights: [&[f32]; ROWS] =
+                std::array::from_fn(|r| &scores[r * padded_keys..][..keys]);
+            for (column_tile, panel) in value_panel.chunks_exact(padded_keys * TILE).enumerate() {
+                let context = context_tile::<FMA>(weights, &panel[..keys * TILE]);
+                let c = column_tile * TILE;
+                let width = TILE.min(value_size - c);
+                for r in 0..rows {
+                    let at = (block + r) * heads * value_size + head * value_size + c;
+                    let recip = 1.0 / sums[r];
+                    for (o, &x) in out[at..][..width].iter_mut().zip(&context[r]) {
+                        *o = x * recip;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `scores[r][l] = Σ_d q_block[d][r] · tile[d][l]` for one tile of keys.
+#[inline(always)]
+fn scores_tile<const FMA: bool>(q_block: &[f32], tile: &[f32]) -> [[f32; TILE]; ROWS] {
+    let mut acc = [[0f32; TILE]; ROWS];
+    let (q_block, _) = q_block.as_chunks::<ROWS>();
+    let (tile, _) = tile.as_chunks::<TILE>();
+    for (q, k) in q_block.iter().zip(tile) {
+        for (acc, &q) in acc.iter_mut().zip(q) {
+            for (a, &k) in acc.iter_mut().zip(k) {
+                *a = fma::<FMA>(q, k, *a);
+            }
+        }
+    }
+    acc
+}
+
+/// `context[r][l] = Σ_j weights[r][j] · panel[j][l]` for one tile of value columns.
+#[inline(always)]
+fn context_tile<const FMA: bool>(weights: [&[f32]; ROWS], panel: &[f32]) -> [[f32; TILE]; ROWS] {
+    let mut acc = [[0f32; TILE]; ROWS];
+    let (panel, _) = panel.as_chunks::<TILE>();
+    let [w0, w1, w2, w3] = weights;
+    let by_key = w0.iter().zip(w1).zip(w2).zip(w3);
+    for (v, (((&a, &b), &c), &d)) in panel.iter().zip(by_key) {
+        for (acc, w) in acc.iter_mut().zip([a, b, c, d]) {
+            for (x, &v) in acc.iter_mut().zip(v) {
+                *x = fma::<FMA>(w, v, *x);
+            }
+        }
+    }
+    acc
+}
+
+/// One attention core found in a decluttered graph.
+struct Core {
+    q: OutletId,
+    k: OutletId,
+    v: OutletId,
+    scale: f32,
+    context: usize,
+}
+
+/// Replace each f32 attention core of a decluttered model, as tract-onnx parses the exporter's
+/// graph (and torch's), by [`TokenMajorAttention`]; returns how many were replaced.
+///
+/// The shape matched is `EinSum(mbk,nbk->bmn)` → optional `Mul` by a constant scalar →
+/// `Softmax` over the last axis → `EinSum(bmk,kbn->mbn)`, each intermediate used once (an
+/// exported attention map keeps its softmax, and its core, unfused).
+pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
+    let softmaxes: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|node| node.op_is::<Softmax>())
+        .map(|node| node.id)
+        .collect();
+    let mut fused = 0;
+    for softmax in softmaxes {
+        let Some(core) = match_core(model, softmax)? else {
+            continue;
+        };
+        let name = model.node(core.context).name.clone();
+        let mut patch = TypedModelPatch::new(format!("fuse attention into {name}"));
+        let inputs = patch.taps(model, &[core.q, core.k, core.v])?;
+        let op = TokenMajorAttention { scale: core.scale };
+        let wire = patch.wire_node(&name, op, &inputs)?[0];
+        patch.shunt_outside(model, core.context.into(), wire)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
+    let node = model.node(softmax);
+    let op = node.op_as::<Softmax>().unwrap();
+    let fact = &node.outputs[0].fact;
+    if op.kind != SoftmaxKind::Softmax
+        || op.quant_output_dt.is_some()
+        || fact.datum_type != f32::datum_type()
+        || fact.rank() != 3
+        || op.axes.as_slice() != [2]
+    {
+        return Ok(None);
+    }
+    let Some(context) = model.single_succ(softmax)? else {
+        return Ok(None);
+    };
+    if !is_einsum(context, "abc,cad->bad") || context.inputs[0] != softmax.into() {
+        return Ok(None);
+    }
+    let (mut scores, mut scale) = (model.node(node.inputs[0].node), 1.0);
+    if let Some(bin) = scores.op_as::<TypedBinOp>()
+        && bin.0.name() == "Mul"
+        && scores.outputs[0].successors.len() == 1
+    {
+        let constant = scores
+            .inputs
+            .iter()
+            .position(|i| model.outlet_fact(*i).is_ok_and(|f| f.konst.is_some()));
+        let Some(constant) = constant else {
+            return Ok(None);
+        };
+        let value = model
+            .outlet_fact(scores.inputs[constant])?
+            .konst
+            .clone()
+            .unwrap();
+        if value.len() != 1 || value.datum_type() != f32::datum_type() {
+            return Ok(None);
+        }
+        scale = value.cast_to_scalar::<f32>()?;
+        scores = model.node(scores.inputs[1 - constant].node);
+    }
+    if !is_einsum(scores, "abc,dbc->bad") || scores.outputs[0].successors.len() != 1 {
+        return Ok(None);
+    }
+    Ok(Some(Core {
+        q: scores.inputs[0],
+        k: scores.inputs[1],
+        v: context.inputs[1],
+        scale,
+        context: context.id,
+    }))
+}
+
+/// Whether `node` is a plain f32 EinSum of two inputs whose axes read `pattern` once relabelled
+/// in order of first appearance (so `mbk,nbk->bmn` reads `abc,dbc->bad`).
+fn is_einsum(node: &TypedNode, pattern: &str) -> bool {
+    let Some(einsum) = node.op_as::<EinSum>() else {
+        return false;
+    };
+    if einsum.q_params.is_some()
+        || einsum.operating_dt != f32::datum_type()
+        || node.inputs.len() != 2
+    {
+        return false;
+    }
+    let mut labels: Vec<char> = Vec::new();
+    let relabelled: String = einsum
+        .axes
+        .to_string()
+        .chars()
+        .map(|c| {
+            if !c.is_alphabetic() {
+                return c;
+            }
+            let index = labels.iter().position(|&l| l == c).unwrap_or_else(|| {
+                labels.push(c);
+                labels.len() - 1
+            });
+            (b'a' + index as u8) as char
+        })
+        .collect();
+    relabelled == pattern
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention in double precision, straight from the definition.
+    fn reference(shape: Shape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let Shape {
+            queries,
+            keys,
+            heads,
+            key_size,
+            value_size,
+        } = shape;
+        let mut out = vec![0f32; queries * heads * value_size];
+        for i in 0..queries {
+            for h in 0..heads {
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| {
+                        (0..key_size)
+                            .map(|d| {
+                                q[(i * heads + h) * key_size + d] as f64
+                                    * k[(j * heads + h) * key_size + d] as f64
+                            })
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for c in 0..value_size {
+                    let value: f64 = (0..keys)
+                        .map(|j| exps[j] / sum * v[(j * heads + h) * value_size + c] as f64)
+                        .sum();
+                    out[(i * heads + h) * value_size + c] = value as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        // A fixed spread of values in [-2, 2), no generator needed.
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32)
+            .map(|x| x / (1 << 24) as f32 * 4.0 - 2.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_definition_on_every_block_and_column_remainder() {
+        // Tokens and sizes around ROWS and TILE, so partial blocks and tiles run.
+        for (queries, keys, heads, key_size, value_size) in [
+            (1, 1, 1, 1, 1),
+            (5, 7, 2, 3, 9),
+            (17, 17, 4, 16, 16),
+            (50, 50, 4, 16, 16),
+            (9, 33, 3, 24, 40),
+            (6, 130, 1, 64, 25),
+            // Above PARALLEL_MACS: the rows are split between threads when there are several.
+            (203, 203, 2, 16, 16),
+        ] {
+            let shape = Shape {
+                queries,
+                keys,
+                heads,
+                key_size,
+                value_size,
+            };
+            let q = values(queries * heads * key_size, 1);
+            let k = values(keys * heads * key_size, 2);
+            let v = values(keys * heads * value_size, 3);
+            let scale = 1.0 / (key_size as f32).sqrt();
+            let mut out = vec![f32::NAN; queries * heads * value_size];
+            attend(shape, scale, &q, &k, &v, &mut out).unwrap();
+            let expected = reference(shape, scale, &q, &k, &v);
+            for (got, want) in out.iter().zip(&expected) {
+                assert!(
+                    (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                    "{shape:?}: {got} against {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn einsum_axes_are_read_up_to_their_labels() {
+        let einsum = |axes: &str| {
+            let mut model = TypedModel::default();
+            let a = model.add_source("a", f32::fact([2, 3, 4])).unwrap();
+            let b = model.add_source("b", f32::fact([5, 3, 4])).unwrap();
+            let op = EinSum::new(axes.parse().unwrap(), f32::datum_type());
+            let out = model.wire_node("e", op, &[a, b]).unwrap()[0];
+            model.node(out.node).clone()
+        };
+        assert!(is_einsum(&einsum("mbk,nbk->bmn"), "abc,dbc->bad"));
+        assert!(is_einsum(&einsum("xyz,wyz->yxw"), "abc,dbc->bad"));
+        assert!(!is_einsum(&einsum("mbk,nbk->bnm"), "abc,dbc->bad"));
+    }
+}
