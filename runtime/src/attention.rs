@@ -368,21 +368,23 @@ fn context_tile<const FMA: bool>(weights: [&[f32]; ROWS], panel: &[f32]) -> [[f3
     acc
 }
 
-/// One attention core found in a decluttered graph.
+/// One attention core found in a decluttered graph: where q, k and v come from, and the unit
+/// axes to drop from each to make it `[tokens, heads, d]`.
 struct Core {
-    q: OutletId,
-    k: OutletId,
-    v: OutletId,
+    operands: [(OutletId, Vec<usize>); 3],
     scale: f32,
     context: usize,
 }
 
-/// Replace each f32 attention core of a decluttered model, as tract-onnx parses the exporter's
-/// graph (and torch's), by [`TokenMajorAttention`]; returns how many were replaced.
+/// Replace each f32 attention core of a decluttered model by [`TokenMajorAttention`]; returns
+/// how many were replaced.
 ///
 /// The shape matched is `EinSum(mbk,nbk->bmn)` → optional `Mul` by a constant scalar →
 /// `Softmax` over the last axis → `EinSum(bmk,kbn->mbn)`, each intermediate used once (an
-/// exported attention map keeps its softmax, and its core, unfused).
+/// exported attention map keeps its softmax, and its core, unfused). That is how tract-onnx
+/// reads the exporter's graph, and torch's once its transposes are folded, except that torch's
+/// q, k and v are `[tokens, 1, heads, d]` slices of the fused QKV output: unit axes summed away
+/// are dropped before matching, and removed from the operands.
 pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
     let softmaxes: Vec<usize> = model
         .nodes()
@@ -397,7 +399,15 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         };
         let name = model.node(core.context).name.clone();
         let mut patch = TypedModelPatch::new(format!("fuse attention into {name}"));
-        let inputs = patch.taps(model, &[core.q, core.k, core.v])?;
+        let mut inputs = TVec::new();
+        for (which, (outlet, unit_axes)) in ["q", "k", "v"].iter().zip(&core.operands) {
+            let mut wire = patch.tap_model(model, *outlet)?;
+            for &axis in unit_axes.iter().rev() {
+                let op = AxisOp::Rm(axis);
+                wire = patch.wire_node(format!("{name}.{which}.rm{axis}"), op, &[wire])?[0];
+            }
+            inputs.push(wire);
+        }
         let op = TokenMajorAttention { scale: core.scale };
         let wire = patch.wire_node(&name, op, &inputs)?[0];
         patch.shunt_outside(model, core.context.into(), wire)?;
@@ -425,7 +435,10 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
     let Some(context) = model.single_succ(softmax)? else {
         return Ok(None);
     };
-    if !is_einsum(context, "abc,cad->bad") || context.inputs[0] != softmax.into() {
+    let Some(([_, v_axes], form)) = einsum_form(model, context)? else {
+        return Ok(None);
+    };
+    if form != "abc,cad->bad" || context.inputs[0] != softmax.into() {
         return Ok(None);
     }
     let (mut scores, mut scale) = (model.node(node.inputs[0].node), 1.0);
@@ -451,34 +464,58 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
         scale = value.cast_to_scalar::<f32>()?;
         scores = model.node(scores.inputs[1 - constant].node);
     }
-    if !is_einsum(scores, "abc,dbc->bad") || scores.outputs[0].successors.len() != 1 {
+    let Some(([q_axes, k_axes], form)) = einsum_form(model, scores)? else {
+        return Ok(None);
+    };
+    if form != "abc,dbc->bad" || scores.outputs[0].successors.len() != 1 {
         return Ok(None);
     }
     Ok(Some(Core {
-        q: scores.inputs[0],
-        k: scores.inputs[1],
-        v: context.inputs[1],
+        operands: [
+            (scores.inputs[0], q_axes),
+            (scores.inputs[1], k_axes),
+            (context.inputs[1], v_axes),
+        ],
         scale,
         context: context.id,
     }))
 }
 
-/// Whether `node` is a plain f32 EinSum of two inputs whose axes read `pattern` once relabelled
-/// in order of first appearance (so `mbk,nbk->bmn` reads `abc,dbc->bad`).
-fn is_einsum(node: &TypedNode, pattern: &str) -> bool {
+/// How a plain f32 EinSum of two inputs reads once the unit axes that are summed away (in
+/// neither the other input nor the output) are dropped, relabelled in order of first
+/// appearance (so `mbk,nbk->bmn` and `mdbk,ncbk->bmn` with `d` and `c` of size 1 both read
+/// `abc,dbc->bad`); with the positions dropped from each input.
+fn einsum_form(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<([Vec<usize>; 2], String)>> {
     let Some(einsum) = node.op_as::<EinSum>() else {
-        return false;
+        return Ok(None);
     };
     if einsum.q_params.is_some()
         || einsum.operating_dt != f32::datum_type()
         || node.inputs.len() != 2
     {
-        return false;
+        return Ok(None);
+    }
+    let (inputs, outputs) = einsum.axes.to_strs();
+    let mut dropped = [Vec::new(), Vec::new()];
+    let mut kept = Vec::new();
+    for (i, axes) in inputs.iter().enumerate() {
+        let shape = &model.outlet_fact(node.inputs[i])?.shape;
+        let mut chars = String::new();
+        for (position, axis) in axes.chars().enumerate() {
+            let elsewhere = inputs[1 - i].contains(axis) || outputs[0].contains(axis);
+            if !elsewhere && shape[position] == TDim::from(1) {
+                dropped[i].push(position);
+            } else {
+                chars.push(axis);
+            }
+        }
+        kept.push(chars);
     }
     let mut labels: Vec<char> = Vec::new();
-    let relabelled: String = einsum
-        .axes
-        .to_string()
+    let form = format!("{},{}->{}", kept[0], kept[1], outputs[0])
         .chars()
         .map(|c| {
             if !c.is_alphabetic() {
@@ -491,7 +528,7 @@ fn is_einsum(node: &TypedNode, pattern: &str) -> bool {
             (b'a' + index as u8) as char
         })
         .collect();
-    relabelled == pattern
+    Ok(Some((dropped, form)))
 }
 
 #[cfg(test)]
@@ -580,17 +617,29 @@ mod tests {
     }
 
     #[test]
-    fn einsum_axes_are_read_up_to_their_labels() {
-        let einsum = |axes: &str| {
+    fn einsums_are_read_up_to_labels_and_unit_axes() {
+        let form = |shapes: [&[usize]; 2], axes: &str| {
             let mut model = TypedModel::default();
-            let a = model.add_source("a", f32::fact([2, 3, 4])).unwrap();
-            let b = model.add_source("b", f32::fact([5, 3, 4])).unwrap();
+            let a = model.add_source("a", f32::fact(shapes[0])).unwrap();
+            let b = model.add_source("b", f32::fact(shapes[1])).unwrap();
             let op = EinSum::new(axes.parse().unwrap(), f32::datum_type());
             let out = model.wire_node("e", op, &[a, b]).unwrap()[0];
-            model.node(out.node).clone()
+            einsum_form(&model, model.node(out.node)).unwrap().unwrap()
         };
-        assert!(is_einsum(&einsum("mbk,nbk->bmn"), "abc,dbc->bad"));
-        assert!(is_einsum(&einsum("xyz,wyz->yxw"), "abc,dbc->bad"));
-        assert!(!is_einsum(&einsum("mbk,nbk->bnm"), "abc,dbc->bad"));
+        let plain: [&[usize]; 2] = [&[2, 3, 4], &[5, 3, 4]];
+        let expected = ([vec![], vec![]], "abc,dbc->bad".to_string());
+        assert_eq!(form(plain, "mbk,nbk->bmn"), expected);
+        assert_eq!(form(plain, "xyz,wyz->yxw"), expected);
+        assert_ne!(form(plain, "mbk,nbk->bnm").1, expected.1);
+        // torch's q and k: [tokens, 1, heads, d] slices of the fused QKV output.
+        let sliced: [&[usize]; 2] = [&[2, 1, 3, 4], &[5, 1, 3, 4]];
+        let expected = ([vec![1], vec![1]], "abc,dbc->bad".to_string());
+        assert_eq!(form(sliced, "mdbk,ncbk->bmn"), expected);
+        // A unit axis that is kept in the output is part of the form.
+        let unit_heads: [&[usize]; 2] = [&[2, 1, 4], &[5, 1, 4]];
+        assert_eq!(
+            form(unit_heads, "mbk,nbk->bmn").0,
+            [Vec::<usize>::new(), vec![]]
+        );
     }
 }
