@@ -127,6 +127,18 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// `f` on this thread's `buffer`, or on a fresh one if an evaluation on this thread already
+/// holds it (a thread waiting in the pool can be handed another model's work).
+fn with_buffer<R>(
+    buffer: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    f: impl FnOnce(&mut Vec<f32>) -> R,
+) -> R {
+    buffer.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut reused) => f(&mut reused),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// k and v of every head, rearranged once per evaluation so that the inner loops read them
 /// front to back: `keys[h][key tile][d][TILE]` and `values[h][column tile][key][TILE]`,
 /// zero-padded to whole tiles.
@@ -162,7 +174,7 @@ fn attend(
     if shape.queries == 0 || shape.heads == 0 || shape.value_size == 0 {
         return Ok(());
     }
-    PANELS.with_borrow_mut(|buffer| {
+    with_buffer(&PANELS, |buffer| {
         let job = Job {
             shape,
             scale,
@@ -175,7 +187,7 @@ fn attend(
         let work = if macs >= PARALLEL_MACS { macs } else { 0 };
         let row_len = shape.heads * shape.value_size;
         tract_linalg::multithread::par_chunks_mut(output, row_len, work, |first_query, out| {
-            SCRATCH.with_borrow_mut(|scratch| {
+            with_buffer(&SCRATCH, |scratch| {
                 let len = ROWS * (shape.key_size + job.panels.padded_keys);
                 scratch.resize(len, 0.0);
                 attend_queries(&job, first_query, out, scratch);
@@ -641,5 +653,18 @@ mod tests {
             form(unit_heads, "mbk,nbk->bmn").0,
             [Vec::<usize>::new(), vec![]]
         );
+    }
+
+    #[test]
+    fn a_nested_evaluation_gets_its_own_buffer() {
+        thread_local! {
+            static BUFFER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        let inner_len = with_buffer(&BUFFER, |outer| {
+            outer.push(1.0);
+            with_buffer(&BUFFER, |inner| inner.len())
+        });
+        assert_eq!(inner_len, 0);
+        assert_eq!(with_buffer(&BUFFER, |kept| kept.len()), 1);
     }
 }
