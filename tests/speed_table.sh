@@ -41,9 +41,9 @@ EOF
 gcc -O2 -o "$work/clock" "$work/clock.c"
 
 # A 28-px frame: its preprocessing is a few microseconds and leaves the caches to the model,
-# as onnxruntime's back-to-back runs on one tensor do. (After the default synthetic 640×480
-# frame, the default model's inference measured 0.73 ms instead of 0.33: converting that frame
-# pushes the weights out of L2.) FRAME= picks another image.
+# as onnxruntime's back-to-back runs on one tensor do. (The default synthetic 640×480 frame
+# takes about 1.2 ms to convert; the default model's inference median was 0.48 ms after it
+# against 0.43 ms after this one.) FRAME= picks another image.
 frame=${FRAME:-models/fashion-vit/test-images/bag/00018.png}
 
 ours() { # model threads
