@@ -478,8 +478,9 @@ fn run(
     let end_epoch = stop_after.map_or(config.epochs, |n| config.epochs.min(start_epoch + n));
     for epoch in start_epoch..end_epoch {
         // Seeding per epoch makes dropout and augmentation of a resumed epoch identical.
-        device.seed(config.seed.wrapping_add(epoch as u64 + 1));
-        crate::dropout::seed(config.seed.wrapping_add(epoch as u64 + 1));
+        let epoch_seed = config.seed.wrapping_add(epoch as u64 + 1);
+        device.seed(epoch_seed);
+        crate::dropout::seed(epoch_seed);
         let mut rng = StdRng::seed_from_u64(config.seed.wrapping_add(1000 + epoch as u64));
         let order = epoch_order(train_source.len(), config.seed, epoch);
         progress.epoch_started(epoch + 1, config.epochs, steps_per_epoch);

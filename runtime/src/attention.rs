@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 
 use crate::rows::LANES;
-use crate::softmax::{exp_in_place, row_max};
+use crate::softmax::{exp_in_place, multiply_add, row_max};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -317,11 +317,8 @@ fn attend_queries_with<const FMA: bool>(
             }
             // Softmax without its division: the context's few values are divided instead.
             let mut sums = [0f32; ROWS];
-            let mut weights = scores
-                .chunks_exact_mut(padded_keys)
-                .map(|row| &mut row[..keys]);
-            for sum in &mut sums {
-                let row = weights.next().unwrap();
+            for (sum, row) in sums.iter_mut().zip(scores.chunks_exact_mut(padded_keys)) {
+                let row = &mut row[..keys];
                 *sum = exp_in_place::<FMA>(row, row_max(row));
             }
             let weights: [&[f32]; ROWS] =
@@ -342,11 +339,6 @@ fn attend_queries_with<const FMA: bool>(
     }
 }
 
-#[inline(always)]
-fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
-}
-
 /// `scores[r][l] = Σ_d q_block[d][r] · tile[d][l]` for one tile of keys.
 #[inline(always)]
 fn scores_tile<const FMA: bool>(q_block: &[f32], tile: &[f32]) -> [[f32; TILE]; ROWS] {
@@ -356,7 +348,7 @@ fn scores_tile<const FMA: bool>(q_block: &[f32], tile: &[f32]) -> [[f32; TILE]; 
     for (q, k) in q_block.iter().zip(tile) {
         for (acc, &q) in acc.iter_mut().zip(q) {
             for (a, &k) in acc.iter_mut().zip(k) {
-                *a = fma::<FMA>(q, k, *a);
+                *a = multiply_add::<FMA>(q, k, *a);
             }
         }
     }
@@ -373,7 +365,7 @@ fn context_tile<const FMA: bool>(weights: [&[f32]; ROWS], panel: &[f32]) -> [[f3
     for (v, (((&a, &b), &c), &d)) in panel.iter().zip(by_key) {
         for (acc, w) in acc.iter_mut().zip([a, b, c, d]) {
             for (x, &v) in acc.iter_mut().zip(v) {
-                *x = fma::<FMA>(w, v, *x);
+                *x = multiply_add::<FMA>(w, v, *x);
             }
         }
     }

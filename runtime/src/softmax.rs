@@ -142,7 +142,7 @@ pub(crate) fn exp_in_place<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
 }
 
 #[inline(always)]
-fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
