@@ -32,6 +32,7 @@ pub mod attention;
 pub mod classifier;
 pub mod dataset;
 pub mod decode;
+pub mod dense;
 pub mod embedded;
 pub mod evaluation;
 pub mod explain;

@@ -240,6 +240,9 @@ impl Model {
             typed = precision::to_f16(typed).map_err(tract)?;
         } else {
             crate::attention::fuse_attention(&mut typed).map_err(tract)?;
+            if crate::dense::beats_tract_here() {
+                crate::dense::fuse_dense(&mut typed).map_err(tract)?;
+            }
         }
         let mut optimized = typed.into_optimized().map_err(tract)?;
         crate::softmax::use_row_softmax(&mut optimized);

@@ -69,11 +69,19 @@ fn runtime_gives_burns_answer_on_an_exported_model() {
     export::export(&run, &onnx, &ExportOptions::default()).unwrap();
     let model = Model::load(&onnx, &ModelOptions::default()).unwrap();
     assert_eq!(model.labels, vec!["class_0", "class_1", "class_2"]);
-    // The comparison below covers the runtime's fused attention, not tract's own operators.
+    // The comparison below covers the runtime's fused attention and, where it is used, its
+    // dense layers (q, k, v, output projection and two MLP products per block, and the head),
+    // not tract's own operators.
     let operators = model.operators();
     assert_eq!(
         operators.get("TokenMajorAttention"),
         Some(&2),
+        "{operators:?}"
+    );
+    let dense = runtime::dense::beats_tract_here().then_some(6 * 2 + 1);
+    assert_eq!(
+        operators.get("DenseLinear").copied(),
+        dense,
         "{operators:?}"
     );
     let mut classifier = Classifier::new(model, 3).unwrap();

@@ -1,0 +1,743 @@
+//! A linear layer (`x W + b`, W a constant) as one operator that never packs its activations.
+//!
+//! tract 0.23.9 turns each projection and MLP product into a packing operator (the
+//! activations rearranged into its kernel layout, every run) and a matrix product; on the
+//! `video` preset the packing alone was 7 % of the inference, and the product scaled poorly
+//! to a second core. [`DenseLinear`] rearranges W once, at load, into column panels, and its
+//! kernel reads the activations' rows where they are: each step broadcasts one value from
+//! each of [`ROWS`] rows against one row of a panel, so the block of products stays in
+//! registers and the bias is where the sums start. [`fuse_dense`] puts it in place of each
+//! f32 EinSum with a constant right-hand side (and the bias Add after it) in a decluttered
+//! model.
+
+use std::sync::Arc;
+
+use crate::rows::LANES;
+use crate::softmax::multiply_add;
+use tract_linalg::multithread::Executor;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::nn::GeluExact;
+
+/// Output columns per panel: two AVX2 vectors, so [`ROWS`] rows take twelve of the sixteen
+/// vector registers as accumulators and leave room for the panel row and the broadcast.
+const COLUMNS: usize = 2 * LANES;
+/// Activation rows computed together: each panel row loaded feeds this many of them.
+const ROWS: usize = 6;
+/// Multiply-adds from which the rows are spread over threads (as for attention).
+const PARALLEL_MACS: usize = 1 << 21;
+/// Shares of rows per thread, as tract splits its own work: a thread that wakes late takes
+/// fewer. One share per thread (each share streams all of W) measured no different on
+/// `video` and `deit-tiny`.
+const SHARES_PER_THREAD: usize = 4;
+
+/// `y = act(x W + b) + r` over the last axis of a contiguous f32 `x` (`[rows…, depth]`, any
+/// leading axes), with W `[depth, width]` and b `[width]` held by the operator, `act` the
+/// identity or exact GELU, and `r` an optional second input of the output's shape (the
+/// residual stream).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenseLinear {
+    /// W in panels of [`COLUMNS`] columns, `[panel][depth][COLUMNS]`, zero-padded.
+    panels: Arc<Vec<f32>>,
+    /// b zero-padded to whole panels (zeros when the layer has none).
+    bias: Arc<Vec<f32>>,
+    depth: usize,
+    width: usize,
+    /// The output's shape: the product's, unit axes included.
+    output_shape: TVec<usize>,
+    /// GELU (erf form) applied to `x W + b`.
+    pub gelu: bool,
+    /// A second input is added last.
+    pub residual: bool,
+}
+
+impl Eq for DenseLinear {}
+
+impl DenseLinear {
+    /// The operator for `weight` (row-major `[depth, width]`, or `[width, depth]` if
+    /// `transposed`, as torch's `Gemm` stores it) and an optional `bias`.
+    pub fn new(
+        weight: &[f32],
+        transposed: bool,
+        bias: Option<&[f32]>,
+        depth: usize,
+        width: usize,
+        output_shape: TVec<usize>,
+    ) -> TractResult<DenseLinear> {
+        ensure!(weight.len() == depth * width && depth > 0 && width > 0);
+        ensure!(output_shape.last() == Some(&width));
+        let panel_count = width.div_ceil(COLUMNS);
+        let mut panels = vec![0f32; panel_count * depth * COLUMNS];
+        for d in 0..depth {
+            for c in 0..width {
+                let w = if transposed {
+                    weight[c * depth + d]
+                } else {
+                    weight[d * width + c]
+                };
+                panels[((c / COLUMNS) * depth + d) * COLUMNS + c % COLUMNS] = w;
+            }
+        }
+        let mut padded_bias = vec![0f32; panel_count * COLUMNS];
+        if let Some(bias) = bias {
+            ensure!(bias.len() == width);
+            padded_bias[..width].copy_from_slice(bias);
+        }
+        Ok(DenseLinear {
+            panels: Arc::new(panels),
+            bias: Arc::new(padded_bias),
+            depth,
+            width,
+            output_shape,
+            gelu: false,
+            residual: false,
+        })
+    }
+}
+
+impl Op for DenseLinear {
+    fn name(&self) -> StaticName {
+        "DenseLinear".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let gelu = if self.gelu { ", GELU" } else { "" };
+        let residual = if self.residual { ", + residual" } else { "" };
+        Ok(vec![format!(
+            "{}x{}{gelu}{residual}",
+            self.depth, self.width
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DenseLinear {
+    op_out_of_plan!();
+
+    fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        for input in &inputs {
+            ensure!(input.datum_type() == f32::datum_type());
+            ensure!(input.strides() == &*Tensor::natural_strides(input.shape()));
+        }
+        let x = &inputs[0];
+        let rows = self.output_shape.iter().product::<usize>() / self.width;
+        ensure!(
+            x.len() == rows * self.depth,
+            "a {}x{} linear layer got input {:?}",
+            self.depth,
+            self.width,
+            x.shape()
+        );
+        // SAFETY: f32 has no invalid bit patterns, and `apply` writes every value.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
+        {
+            let x = x.try_as_plain_ram()?;
+            let residual = inputs.get(1).map(|r| r.try_as_plain_ram()).transpose()?;
+            let residual = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
+            if let Some(residual) = residual {
+                ensure!(residual.len() == output.len(), "residual of the wrong size");
+            }
+            let mut out = output.try_as_plain_ram_mut()?;
+            self.apply(x.as_slice()?, residual, out.as_slice_mut()?)?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for DenseLinear {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+
+    as_op!();
+}
+
+impl DenseLinear {
+    /// `y` for `x` of whole rows, the rows spread over tract's threads in shares of whole
+    /// [`ROWS`] blocks (tract's own split would leave a partial block in most shares).
+    fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) -> TractResult<()> {
+        let rows = out.len() / self.width;
+        let threads = if x.len() * self.width >= PARALLEL_MACS {
+            executor_threads()
+        } else {
+            1
+        };
+        let share = rows
+            .div_ceil(SHARES_PER_THREAD * threads)
+            .next_multiple_of(ROWS);
+        let run_share = |(index, out): (usize, &mut [f32])| {
+            let x = &x[index * share * self.depth..][..out.len() / self.width * self.depth];
+            let residual = residual.map(|r| &r[index * share * self.width..][..out.len()]);
+            self.rows(x, residual, out);
+        };
+        if threads < 2 || rows <= share {
+            run_share((0, out));
+            return Ok(());
+        }
+        use rayon::prelude::*;
+        let run = |out: &mut [f32]| {
+            out.par_chunks_mut(share * self.width)
+                .enumerate()
+                .for_each(run_share)
+        };
+        match tract_linalg::multithread::current_tract_executor() {
+            Executor::MultiThread(pool) => pool.install(|| run(out)),
+            _ => run(out),
+        }
+        Ok(())
+    }
+
+    fn rows(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { self.rows_avx2_fma(x, residual, out) };
+            return;
+        }
+        // aarch64 always has a fused multiply-add; elsewhere `mul_add` would be a libm call.
+        self.rows_with::<{ cfg!(target_arch = "aarch64") }>(x, residual, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_avx2_fma(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+        self.rows_with::<true>(x, residual, out);
+    }
+
+    /// Panel by panel (which then stays in cache), block by block of [`ROWS`] rows.
+    #[inline(always)]
+    fn rows_with<const FMA: bool>(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+        let (depth, width) = (self.depth, self.width);
+        let rows = out.len() / width;
+        let panels = self.panels.chunks_exact(depth * COLUMNS);
+        let (biases, _) = self.bias.as_chunks::<COLUMNS>();
+        for (p, (panel, bias)) in panels.zip(biases).enumerate() {
+            let column = p * COLUMNS;
+            let block = Block {
+                panel,
+                bias,
+                width,
+                columns: COLUMNS.min(width - column),
+                gelu: self.gelu,
+            };
+            for first in (0..rows).step_by(ROWS) {
+                let x = &x[first * depth..];
+                let at = first * width + column;
+                let residual = residual.map(|r| &r[at..]);
+                let out = &mut out[at..];
+                match rows - first {
+                    1 => block.compute::<FMA, 1>(x, residual, out),
+                    2 => block.compute::<FMA, 2>(x, residual, out),
+                    3 => block.compute::<FMA, 3>(x, residual, out),
+                    4 => block.compute::<FMA, 4>(x, residual, out),
+                    5 => block.compute::<FMA, 5>(x, residual, out),
+                    _ => block.compute::<FMA, ROWS>(x, residual, out),
+                }
+            }
+        }
+    }
+}
+
+/// One panel of W, and what is done with its sums.
+struct Block<'a> {
+    panel: &'a [f32],
+    bias: &'a [f32; COLUMNS],
+    /// Output row length.
+    width: usize,
+    /// Columns of the panel that are outputs (the rest is padding).
+    columns: usize,
+    gelu: bool,
+}
+
+impl Block<'_> {
+    /// `R` output rows of the panel's columns, from `R` rows of `x` (and of `residual`).
+    #[inline(always)]
+    fn compute<const FMA: bool, const R: usize>(
+        &self,
+        x: &[f32],
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let mut sums = block_product::<FMA, R>(x, self.panel, self.bias);
+        if self.gelu {
+            // Plain loops: a helper such as `array::map` may not be inlined into the caller
+            // compiled for FMA, and `mul_add` outside it is a slow library call.
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..R {
+                for c in 0..COLUMNS {
+                    sums[r][c] = gelu::<FMA>(sums[r][c]);
+                }
+            }
+        }
+        for (r, row) in sums.iter().enumerate() {
+            let out = &mut out[r * self.width..][..self.columns];
+            match residual {
+                Some(residual) => {
+                    let residual = &residual[r * self.width..][..self.columns];
+                    for ((o, &y), &res) in out.iter_mut().zip(row).zip(residual) {
+                        *o = y + res;
+                    }
+                }
+                None => out.copy_from_slice(&row[..self.columns]),
+            }
+        }
+    }
+}
+
+/// How many threads tract's current executor runs (see [`crate::threads`]).
+fn executor_threads() -> usize {
+    match tract_linalg::multithread::current_tract_executor() {
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        Executor::RayonGlobal => rayon::current_num_threads(),
+        Executor::SingleThread => 1,
+    }
+}
+
+/// `b + x W` for `R` rows of `x` and one panel of W.
+#[inline(always)]
+fn block_product<const FMA: bool, const R: usize>(
+    x: &[f32],
+    panel: &[f32],
+    bias: &[f32; COLUMNS],
+) -> [[f32; COLUMNS]; R] {
+    let (panel, _) = panel.as_chunks::<COLUMNS>();
+    let depth = panel.len();
+    let x: [&[f32]; R] = std::array::from_fn(|r| &x[r * depth..][..depth]);
+    let mut acc = [*bias; R];
+    for (d, w) in panel.iter().enumerate() {
+        for (acc, x) in acc.iter_mut().zip(&x) {
+            let a = x[d];
+            for (sum, &w) in acc.iter_mut().zip(w) {
+                *sum = multiply_add::<FMA>(a, w, *sum);
+            }
+        }
+    }
+    acc
+}
+
+/// `x Φ(x)`, GELU in its erf form as tract's `GeluExact` computes it: erf from Abramowitz
+/// and Stegun's 7.1.28 (absolute error below 3e-7), `1 - 1 / p(|z|)^16`.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+fn gelu<const FMA: bool>(x: f32) -> f32 {
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let p = multiply_add::<FMA>(0.0000430638, z, 0.0002765672);
+    let p = multiply_add::<FMA>(p, z, 0.0001520143);
+    let p = multiply_add::<FMA>(p, z, 0.0092705272);
+    let p = multiply_add::<FMA>(p, z, 0.0422820123);
+    let p = multiply_add::<FMA>(p, z, 0.0705230784);
+    let p = multiply_add::<FMA>(p, z, 1.0);
+    let p2 = p * p;
+    let p4 = p2 * p2;
+    let p8 = p4 * p4;
+    let erf = (1.0 - 1.0 / (p8 * p8)).copysign(x);
+    0.5 * x * (1.0 + erf)
+}
+
+/// Whether [`fuse_dense`] speeds this CPU up: measured on x86-64 with AVX2 and FMA. On ARM,
+/// tract's kernels are tuned per core (Cortex-A53 and others), so they stay.
+pub fn beats_tract_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Replace each f32 product of activations by a constant matrix in a decluttered model by
+/// [`DenseLinear`], with what follows it among a bias Add, a `GeluExact` and a residual Add, in
+/// that order (each the only use of the one before); returns how many were replaced.
+///
+/// Matched: an EinSum whose second input is a constant and that reads, once unit axes are
+/// dropped, `x[rows…, contracted…] · W[contracted…, n] → y[rows…, n]`. In row-major storage
+/// that is `x [rows, depth] · W [depth, width]`, whatever the axes' names: the exporter's
+/// `amk,kn->mn`, the output projection's `mbk,bkn->amn` (heads and head size contracted
+/// together), torch's `MatMul`s, and its `Gemm`s, whose W is `[n, contracted]`.
+pub fn fuse_dense(model: &mut TypedModel) -> TractResult<usize> {
+    let einsums: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|node| node.op_is::<EinSum>())
+        .map(|node| node.id)
+        .collect();
+    let mut fused = 0;
+    for einsum in einsums {
+        let Some(Linear {
+            weight,
+            transposed,
+            depth,
+            width,
+        }) = linear_form(model, einsum)?
+        else {
+            continue;
+        };
+        let node = model.node(einsum);
+        let output_shape: TVec<usize> = match node.outputs[0].fact.shape.as_concrete() {
+            Some(shape) => shape.into(),
+            None => continue,
+        };
+        let (bias, last) = match bias_after(model, einsum, width)? {
+            Some((bias, add)) => (Some(bias), add),
+            None => (None, einsum),
+        };
+        let gelu = model
+            .single_succ(last)?
+            .filter(|next| is_f32_gelu(next))
+            .map(|next| next.id);
+        let last = gelu.unwrap_or(last);
+        let residual = residual_after(model, last)?;
+        let last = residual.map(|(_, add)| add).unwrap_or(last);
+        let weight = weight.try_as_plain_ram()?;
+        let bias = bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
+        let mut op = DenseLinear::new(
+            weight.as_slice::<f32>()?,
+            transposed,
+            bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?,
+            depth,
+            width,
+            output_shape,
+        )?;
+        op.gelu = gelu.is_some();
+        op.residual = residual.is_some();
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense layer"));
+        let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
+        if let Some((residual, _)) = residual {
+            inputs.push(patch.tap_model(model, residual)?);
+        }
+        let wire = patch.wire_node(&name, op, &inputs)?[0];
+        patch.shunt_outside(model, last.into(), wire)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+/// An EinSum read as a linear layer.
+struct Linear {
+    weight: Arc<Tensor>,
+    /// W is stored `[width, depth]`.
+    transposed: bool,
+    depth: usize,
+    width: usize,
+}
+
+/// `einsum` as a linear layer if it is an f32 `x W` (see [`fuse_dense`]).
+fn linear_form(model: &TypedModel, einsum: usize) -> TractResult<Option<Linear>> {
+    let node = model.node(einsum);
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let x_fact = model.outlet_fact(node.inputs[0])?;
+    let w_fact = model.outlet_fact(node.inputs[1])?;
+    let Some(weight) = w_fact.konst.clone() else {
+        return Ok(None);
+    };
+    if x_fact.datum_type != f32::datum_type() || weight.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    // Each operand's axes as (label, size), unit axes dropped: they do not move any data.
+    let (inputs, outputs) = op.axes.to_strs();
+    let facts = [x_fact, w_fact, &node.outputs[0].fact];
+    let mut axes = Vec::new();
+    for (labels, fact) in inputs.iter().chain(&outputs).zip(facts) {
+        let Some(shape) = fact.shape.as_concrete() else {
+            return Ok(None);
+        };
+        let kept: Vec<(char, usize)> = labels
+            .chars()
+            .zip(shape.iter().copied())
+            .filter(|&(_, dim)| dim != 1)
+            .collect();
+        axes.push(kept);
+    }
+    let [x, w, y] = [&axes[0], &axes[1], &axes[2]];
+    let Some((&(n, width), rows)) = y.split_last() else {
+        return Ok(None);
+    };
+    let Some(contracted) = x.strip_prefix(rows) else {
+        return Ok(None);
+    };
+    let transposed = if w.split_last() == Some((&(n, width), contracted)) {
+        false
+    } else if w.split_first() == Some((&(n, width), contracted)) {
+        true
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Linear {
+        weight,
+        transposed,
+        depth: contracted.iter().map(|&(_, dim)| dim).product(),
+        width,
+    }))
+}
+
+/// The bias and the Add node if `einsum`'s only use is adding a constant that varies along
+/// the last axis only (`[1, …, width]`).
+fn bias_after(
+    model: &TypedModel,
+    einsum: usize,
+    width: usize,
+) -> TractResult<Option<(Arc<Tensor>, usize)>> {
+    let Some(add) = model.single_succ(einsum)? else {
+        return Ok(None);
+    };
+    let is_add = add
+        .op_as::<TypedBinOp>()
+        .is_some_and(|bin| bin.0.name() == "Add");
+    if !is_add || add.outputs[0].fact.shape != model.node(einsum).outputs[0].fact.shape {
+        return Ok(None);
+    }
+    let other = add.inputs.iter().find(|i| i.node != einsum);
+    let Some(&other) = other else {
+        return Ok(None);
+    };
+    let Some(bias) = model.outlet_fact(other)?.konst.clone() else {
+        return Ok(None);
+    };
+    let along_last_axis = bias.shape().last() == Some(&width) && bias.len() == width;
+    if !along_last_axis || bias.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    Ok(Some((bias, add.id)))
+}
+
+fn is_f32_gelu(node: &TypedNode) -> bool {
+    node.op_as::<ElementWiseOp>()
+        .is_some_and(|op| op.0.is::<GeluExact>() && op.1.is_none())
+        && node.outputs[0].fact.datum_type == f32::datum_type()
+}
+
+/// The other operand and the Add node if `node`'s only use is being added to a computed f32
+/// tensor of its own shape.
+fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(OutletId, usize)>> {
+    let Some(add) = model.single_succ(node)? else {
+        return Ok(None);
+    };
+    let is_add = add
+        .op_as::<TypedBinOp>()
+        .is_some_and(|bin| bin.0.name() == "Add");
+    let fact = &model.node(node).outputs[0].fact;
+    let other = add.inputs.iter().copied().find(|i| i.node != node);
+    let Some(other) = other.filter(|_| is_add && add.inputs.len() == 2) else {
+        return Ok(None);
+    };
+    let other_fact = model.outlet_fact(other)?;
+    let same = other_fact.shape == fact.shape && add.outputs[0].fact.shape == fact.shape;
+    if !same || other_fact.konst.is_some() || other_fact.datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    Ok(Some((other, add.id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_linalg::multithread::multithread_tract_scope;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every row block remainder (1–6 rows), partial panels and the threaded path.
+    #[test]
+    fn matches_the_definition_on_every_row_and_column_remainder() {
+        for (rows, depth, width) in [
+            (1, 1, 1),
+            (5, 3, 17),
+            (7, 16, 16),
+            (13, 9, 33),
+            (17, 64, 40),
+            (325, 128, 100),
+        ] {
+            let x = values(rows * depth, 1);
+            let w = values(depth * width, 2);
+            let b = values(width, 3);
+            let op = DenseLinear::new(&w, false, Some(&b), depth, width, tvec![rows, width]);
+            let op = op.unwrap();
+            let mut out = vec![f32::NAN; rows * width];
+            let two_threads = Executor::multithread(2);
+            multithread_tract_scope(two_threads, || op.apply(&x, None, &mut out)).unwrap();
+            for r in 0..rows {
+                for c in 0..width {
+                    let expected: f64 = b[c] as f64
+                        + (0..depth)
+                            .map(|d| x[r * depth + d] as f64 * w[d * width + c] as f64)
+                            .sum::<f64>();
+                    let got = out[r * width + c] as f64;
+                    assert!(
+                        (got - expected).abs() <= 1e-5 * (1.0 + expected.abs()),
+                        "{rows}x{depth}x{width} at ({r}, {c}): {got} vs {expected}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A product by a constant, and what may follow it.
+    #[derive(Default)]
+    struct Layer<'a> {
+        x: &'a [usize],
+        w: &'a [usize],
+        axes: &'a str,
+        bias: Option<&'a [usize]>,
+        gelu: bool,
+        residual: bool,
+    }
+
+    impl Layer<'_> {
+        /// The fused operators' descriptions, after checking the fused model against
+        /// tract's answer on the same model unfused.
+        fn fused(&self) -> Vec<String> {
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact(self.x)).unwrap();
+            let constant = |model: &mut TypedModel, name: &str, shape: &[usize], seed| {
+                let values = tensor1(&values(shape.iter().product(), seed));
+                model
+                    .add_const(name, values.into_shape(shape).unwrap())
+                    .unwrap()
+            };
+            let w = constant(&mut model, "w", self.w, 7);
+            let op = EinSum::new(self.axes.parse().unwrap(), f32::datum_type());
+            let mut y = model.wire_node("product", op, &[x, w]).unwrap()[0];
+            let add = tract_onnx::tract_core::ops::math::add;
+            if let Some(shape) = self.bias {
+                let bias = constant(&mut model, "b", shape, 8);
+                y = model.wire_node("bias", add(), &[y, bias]).unwrap()[0];
+            }
+            if self.gelu {
+                let gelu = ElementWiseOp(Box::new(GeluExact {}), None);
+                y = model.wire_node("gelu", gelu, &[y]).unwrap()[0];
+            }
+            let mut inputs = tvec![
+                tensor1(&values(self.x.iter().product(), 9))
+                    .into_shape(self.x)
+                    .unwrap()
+                    .into_tvalue()
+            ];
+            if self.residual {
+                let shape = model
+                    .outlet_fact(y)
+                    .unwrap()
+                    .shape
+                    .as_concrete()
+                    .unwrap()
+                    .to_vec();
+                let r = model.add_source("r", f32::fact(&shape)).unwrap();
+                y = model.wire_node("residual", add(), &[r, y]).unwrap()[0];
+                let r = tensor1(&values(shape.iter().product(), 10));
+                inputs.push(r.into_shape(&shape).unwrap().into_tvalue());
+            }
+            model.select_output_outlets(&[y]).unwrap();
+            let run = |model: TypedModel| {
+                let plan = model.into_runnable().unwrap();
+                let output = plan.run(inputs.clone()).unwrap()[0].clone().into_tensor();
+                let values = output
+                    .try_as_plain_ram()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec();
+                (output.shape().to_vec(), values)
+            };
+            let expected = run(model.clone());
+            fuse_dense(&mut model).unwrap();
+            let fused = model
+                .nodes()
+                .iter()
+                .filter_map(|node| node.op_as::<DenseLinear>())
+                .map(|op| op.info().unwrap().join(" "))
+                .collect();
+            let got = run(model);
+            assert_eq!(got.0, expected.0, "{}", self.axes);
+            for (g, e) in got.1.iter().zip(&expected.1) {
+                let axes = self.axes;
+                assert!(
+                    (g - e).abs() <= 2e-5 * (1.0 + e.abs()),
+                    "{axes}: {g} vs {e}"
+                );
+            }
+            fused
+        }
+    }
+
+    #[test]
+    fn products_by_a_constant_are_fused_with_what_follows() {
+        // The exporter's projections, with the bias shapes it adds, and its MLP.
+        let qkv = Layer {
+            x: &[1, 17, 64],
+            w: &[64, 48],
+            axes: "amk,kn->mn",
+            bias: Some(&[1, 48]),
+            ..Layer::default()
+        };
+        assert_eq!(qkv.fused(), ["64x48"]);
+        let hidden = Layer { gelu: true, ..qkv };
+        assert_eq!(hidden.fused(), ["64x48, GELU"]);
+        let mlp_output = Layer {
+            x: &[17, 64],
+            axes: "mk,kn->amn",
+            bias: Some(&[1, 1, 48]),
+            residual: true,
+            ..hidden
+        };
+        assert_eq!(mlp_output.fused(), ["64x48, GELU, + residual"]);
+        // The output projection: heads and head size contracted together.
+        let projection = Layer {
+            x: &[17, 4, 8],
+            w: &[4, 8, 40],
+            axes: "mbk,bkn->amn",
+            residual: true,
+            ..Layer::default()
+        };
+        assert_eq!(projection.fused(), ["32x40, + residual"]);
+        // torch's Gemm stores W transposed.
+        let gemm = Layer {
+            x: &[17, 64],
+            w: &[48, 64],
+            axes: "mk,nk->mn",
+            ..Layer::default()
+        };
+        assert_eq!(gemm.fused(), ["64x48"]);
+        // A bias that varies by row stays tract's Add, and so does what follows it.
+        let by_row = Layer {
+            bias: Some(&[17, 1]),
+            gelu: true,
+            ..gemm
+        };
+        assert_eq!(by_row.fused(), ["64x48"]);
+        // A batch axis in W: tract's.
+        let batched = Layer {
+            x: &[2, 17, 8],
+            w: &[2, 8, 16],
+            axes: "bmk,bkn->bmn",
+            ..Layer::default()
+        };
+        assert!(batched.fused().is_empty());
+    }
+}
