@@ -11,7 +11,7 @@
 
 use std::cell::RefCell;
 
-use crate::rows::LANES;
+use crate::rows::{LANES, for_each_share};
 use crate::softmax::{exp_in_place, multiply_add, row_max};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
@@ -111,14 +111,11 @@ impl Shape {
     }
 }
 
-/// Query rows computed together: each key (and value) vector loaded feeds this many of them.
-/// (`context_tile` zips exactly four weight rows.)
-const ROWS: usize = 4;
-/// Keys per score tile and value columns per output tile: two AVX2 vectors (four NEON ones),
-/// so [`ROWS`] rows keep eight accumulators busy, enough to cover the FMA latency.
+/// Query rows computed together: each key (and value) vector loaded feeds this many of them,
+/// and [`TILE`] columns of each take twelve of the sixteen AVX2 registers as accumulators.
+const ROWS: usize = 6;
+/// Keys per score tile and value columns per output tile: two AVX2 vectors (four NEON ones).
 const TILE: usize = 2 * LANES;
-/// Multiply-adds from which the query rows are spread over threads.
-const PARALLEL_MACS: usize = 1 << 21;
 
 thread_local! {
     /// Reused between frames: k and v in tiles on the calling thread, a block of scores on
@@ -181,19 +178,17 @@ fn attend(
             q,
             panels: pack(shape, k, v, buffer),
         };
+        // The default model's core is 0.3 M multiply-adds: one thread.
         let macs = shape.heads * shape.queries * shape.keys * (shape.key_size + shape.value_size);
-        // Below about 50 µs of arithmetic, waking a second thread costs more than it saves
-        // (the default model's core is 0.3 M multiply-adds); tract's own gate counts elements.
-        let work = if macs >= PARALLEL_MACS { macs } else { 0 };
         let row_len = shape.heads * shape.value_size;
-        tract_linalg::multithread::par_chunks_mut(output, row_len, work, |first_query, out| {
+        for_each_share(output, row_len, ROWS, macs, |first_query, out| {
             with_buffer(&SCRATCH, |scratch| {
                 let len = ROWS * (shape.key_size + job.panels.padded_keys);
                 scratch.resize(len, 0.0);
                 attend_queries(&job, first_query, out, scratch);
             });
-            Ok(())
-        })
+        });
+        Ok(())
     })
 }
 
@@ -360,10 +355,11 @@ fn scores_tile<const FMA: bool>(q_block: &[f32], tile: &[f32]) -> [[f32; TILE]; 
 fn context_tile<const FMA: bool>(weights: [&[f32]; ROWS], panel: &[f32]) -> [[f32; TILE]; ROWS] {
     let mut acc = [[0f32; TILE]; ROWS];
     let (panel, _) = panel.as_chunks::<TILE>();
-    let [w0, w1, w2, w3] = weights;
-    let by_key = w0.iter().zip(w1).zip(w2).zip(w3);
-    for (v, (((&a, &b), &c), &d)) in panel.iter().zip(by_key) {
-        for (acc, w) in acc.iter_mut().zip([a, b, c, d]) {
+    let keys = panel.len();
+    let weights: [&[f32]; ROWS] = std::array::from_fn(|r| &weights[r][..keys]);
+    for (j, v) in panel.iter().enumerate() {
+        for (acc, weights) in acc.iter_mut().zip(&weights) {
+            let w = weights[j];
             for (x, &v) in acc.iter_mut().zip(v) {
                 *x = multiply_add::<FMA>(w, v, *x);
             }
@@ -538,6 +534,7 @@ fn einsum_form(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_linalg::multithread::{Executor, multithread_tract_scope};
 
     /// Attention in double precision, straight from the definition.
     fn reference(shape: Shape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
@@ -594,7 +591,7 @@ mod tests {
             (50, 50, 4, 16, 16),
             (9, 33, 3, 24, 40),
             (6, 130, 1, 64, 25),
-            // Above PARALLEL_MACS: the rows are split between threads when there are several.
+            // Above rows::PARALLEL_MACS: the rows are split between threads when there are several.
             (203, 203, 2, 16, 16),
         ] {
             let shape = Shape {
@@ -609,7 +606,9 @@ mod tests {
             let v = values(keys * heads * value_size, 3);
             let scale = 1.0 / (key_size as f32).sqrt();
             let mut out = vec![f32::NAN; queries * heads * value_size];
-            attend(shape, scale, &q, &k, &v, &mut out).unwrap();
+            let two_threads = Executor::multithread(2);
+            multithread_tract_scope(two_threads, || attend(shape, scale, &q, &k, &v, &mut out))
+                .unwrap();
             let expected = reference(shape, scale, &q, &k, &v);
             for (got, want) in out.iter().zip(&expected) {
                 assert!(

@@ -12,9 +12,8 @@
 
 use std::sync::Arc;
 
-use crate::rows::LANES;
+use crate::rows::{LANES, for_each_share};
 use crate::softmax::multiply_add;
-use tract_linalg::multithread::Executor;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -26,12 +25,6 @@ use tract_onnx::tract_core::ops::nn::GeluExact;
 const COLUMNS: usize = 2 * LANES;
 /// Activation rows computed together: each panel row loaded feeds this many of them.
 const ROWS: usize = 6;
-/// Multiply-adds from which the rows are spread over threads (as for attention).
-const PARALLEL_MACS: usize = 1 << 21;
-/// Shares of rows per thread, as tract splits its own work: a thread that wakes late takes
-/// fewer. One share per thread (each share streams all of W) measured no different on
-/// `video` and `deit-tiny`.
-const SHARES_PER_THREAD: usize = 4;
 
 /// `y = act(x W + b) + r` over the last axis of a contiguous f32 `x` (`[rows…, depth]`, any
 /// leading axes), with W `[depth, width]` and b `[width]` held by the operator, `act` the
@@ -142,7 +135,7 @@ impl EvalOp for DenseLinear {
                 ensure!(residual.len() == output.len(), "residual of the wrong size");
             }
             let mut out = output.try_as_plain_ram_mut()?;
-            self.apply(x.as_slice()?, residual, out.as_slice_mut()?)?;
+            self.apply(x.as_slice()?, residual, out.as_slice_mut()?);
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -159,38 +152,15 @@ impl TypedOp for DenseLinear {
 }
 
 impl DenseLinear {
-    /// `y` for `x` of whole rows, the rows spread over tract's threads in shares of whole
-    /// [`ROWS`] blocks (tract's own split would leave a partial block in most shares).
-    fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) -> TractResult<()> {
-        let rows = out.len() / self.width;
-        let threads = if x.len() * self.width >= PARALLEL_MACS {
-            executor_threads()
-        } else {
-            1
-        };
-        let share = rows
-            .div_ceil(SHARES_PER_THREAD * threads)
-            .next_multiple_of(ROWS);
-        let run_share = |(index, out): (usize, &mut [f32])| {
-            let x = &x[index * share * self.depth..][..out.len() / self.width * self.depth];
-            let residual = residual.map(|r| &r[index * share * self.width..][..out.len()]);
+    /// `y` for `x` of whole rows, the rows spread over tract's threads.
+    fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+        let macs = x.len() * self.width;
+        for_each_share(out, self.width, ROWS, macs, |first_row, out| {
+            let rows = out.len() / self.width;
+            let x = &x[first_row * self.depth..][..rows * self.depth];
+            let residual = residual.map(|r| &r[first_row * self.width..][..out.len()]);
             self.rows(x, residual, out);
-        };
-        if threads < 2 || rows <= share {
-            run_share((0, out));
-            return Ok(());
-        }
-        use rayon::prelude::*;
-        let run = |out: &mut [f32]| {
-            out.par_chunks_mut(share * self.width)
-                .enumerate()
-                .for_each(run_share)
-        };
-        match tract_linalg::multithread::current_tract_executor() {
-            Executor::MultiThread(pool) => pool.install(|| run(out)),
-            _ => run(out),
-        }
-        Ok(())
+        });
     }
 
     fn rows(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
@@ -288,15 +258,6 @@ impl Block<'_> {
                 None => out.copy_from_slice(&row[..self.columns]),
             }
         }
-    }
-}
-
-/// How many threads tract's current executor runs (see [`crate::threads`]).
-fn executor_threads() -> usize {
-    match tract_linalg::multithread::current_tract_executor() {
-        Executor::MultiThread(pool) => pool.current_num_threads(),
-        Executor::RayonGlobal => rayon::current_num_threads(),
-        Executor::SingleThread => 1,
     }
 }
 
@@ -550,7 +511,7 @@ fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(Outlet
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_linalg::multithread::multithread_tract_scope;
+    use tract_linalg::multithread::{Executor, multithread_tract_scope};
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
@@ -582,7 +543,7 @@ mod tests {
             let op = op.unwrap();
             let mut out = vec![f32::NAN; rows * width];
             let two_threads = Executor::multithread(2);
-            multithread_tract_scope(two_threads, || op.apply(&x, None, &mut out)).unwrap();
+            multithread_tract_scope(two_threads, || op.apply(&x, None, &mut out));
             for r in 0..rows {
                 for c in 0..width {
                     let expected: f64 = b[c] as f64
