@@ -15,6 +15,9 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core::ops::cast::cast;
 use tract_onnx::tract_hir::internal::*;
 
+/// Multiply-adds per value (see [`update_rows`]): the mean, the variance, the output.
+const NORMALISE_COST: usize = 3;
+
 type Builder = fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
 
 /// tract's own LayerNormalization builder, for the forms [`LastAxisLayerNorm`] does not take.
@@ -139,7 +142,9 @@ impl EvalOp for LastAxisLayerNorm {
         let (scale, bias) = (scale.as_slice::<f32>()?, bias.as_slice::<f32>()?);
         ensure!(width > 0 && scale.len() == width && bias.len() == width);
         let epsilon = f32::from_bits(self.epsilon_bits);
-        let output = update_rows(x, width, |rows| normalise_rows(rows, scale, bias, epsilon))?;
+        let output = update_rows(x, width, NORMALISE_COST, |rows| {
+            normalise_rows(rows, scale, bias, epsilon)
+        })?;
         Ok(tvec!(output))
     }
 }

@@ -12,6 +12,10 @@ use crate::rows::{LANES, update_rows};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
+/// Multiply-adds per value (see [`update_rows`]): the exponential's range reduction and
+/// polynomial, the max, the sum and the scale.
+const SOFTMAX_COST: usize = 12;
+
 /// Softmax over the last axis of a contiguous f32 tensor.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct RowSoftmax {
@@ -39,7 +43,9 @@ impl EvalOp for RowSoftmax {
         {
             return self.original.eval(ctx, tvec!(input));
         }
-        let output = update_rows(input, row_len, |rows| softmax_rows(rows, row_len))?;
+        let output = update_rows(input, row_len, SOFTMAX_COST, |rows| {
+            softmax_rows(rows, row_len)
+        })?;
         Ok(tvec!(output))
     }
 }
