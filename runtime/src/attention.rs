@@ -51,7 +51,9 @@ impl EvalOp for TokenMajorAttention {
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (q, k, v) = args_3!(inputs);
         let shape = Shape::of(&q, &k, &v)?;
-        let mut output = Tensor::zero::<f32>(&[shape.queries, shape.heads, shape.value_size])?;
+        let output_shape = [shape.queries, shape.heads, shape.value_size];
+        // SAFETY: f32 has no invalid bit patterns, and `attend` writes every value.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&output_shape)? };
         let (q, k, v) = (
             q.try_as_plain_ram()?,
             k.try_as_plain_ram()?,
