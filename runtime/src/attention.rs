@@ -185,7 +185,7 @@ fn attend(
         let row_len = shape.heads * shape.value_size;
         for_each_share(output, row_len, ROWS, macs, |first_query, out| {
             with_buffer(&SCRATCH, |scratch| {
-                let len = ROWS * (shape.key_size + job.panels.padded_keys);
+                let len = ROWS * job.panels.padded_keys;
                 scratch.resize(len, 0.0);
                 attend_queries(&job, first_query, out, scratch);
             });
@@ -290,26 +290,25 @@ fn attend_queries_with<const FMA: bool>(
     } = shape;
     let padded_keys = panels.padded_keys;
     let queries = out.len() / (heads * value_size);
-    // q of the block by dimension (`[d][ROWS]`), and its score rows.
-    let (q_block, scores) = scratch.split_at_mut(ROWS * key_size);
-    let scores = &mut scores[..ROWS * padded_keys];
+    let scores = &mut scratch[..ROWS * padded_keys];
     for head in 0..heads {
         let key_panel = panels.keys_of(head, key_size);
         let value_panel = panels.values_of(head);
         for block in (0..queries).step_by(ROWS) {
             let rows = ROWS.min(queries - block);
-            q_block.fill(0.0);
-            for r in 0..rows {
-                let token = first_query + block + r;
-                let q_row = &q[(token * heads + head) * key_size..][..key_size];
-                for (d, &x) in q_row.iter().enumerate() {
-                    q_block[d * ROWS + r] = x * scale;
-                }
-            }
+            // Read in place (a partial block repeats its last query; those results are
+            // dropped): copying q into a block cost a sixth of the core at head size 64.
+            let q_rows: [&[f32]; ROWS] = std::array::from_fn(|r| {
+                let token = first_query + block + r.min(rows - 1);
+                &q[(token * heads + head) * key_size..][..key_size]
+            });
             for (t, tile) in key_panel.chunks_exact(key_size * TILE).enumerate() {
-                let tile_scores = scores_tile::<FMA>(q_block, tile);
+                let tile_scores = scores_tile::<FMA>(q_rows, tile);
                 for (r, tile_scores) in tile_scores.iter().enumerate() {
-                    scores[r * padded_keys + t * TILE..][..TILE].copy_from_slice(tile_scores);
+                    let row = &mut scores[r * padded_keys + t * TILE..][..TILE];
+                    for (score, &dot) in row.iter_mut().zip(tile_scores) {
+                        *score = dot * scale;
+                    }
                 }
             }
             // Softmax without its division: the context's few values are divided instead.
@@ -336,14 +335,16 @@ fn attend_queries_with<const FMA: bool>(
     }
 }
 
-/// `scores[r][l] = Σ_d q_block[d][r] · tile[d][l]` for one tile of keys.
+/// `scores[r][l] = Σ_d q[r][d] · tile[d][l]` for one tile of keys.
 #[inline(always)]
-fn scores_tile<const FMA: bool>(q_block: &[f32], tile: &[f32]) -> [[f32; TILE]; ROWS] {
+fn scores_tile<const FMA: bool>(q: [&[f32]; ROWS], tile: &[f32]) -> [[f32; TILE]; ROWS] {
     let mut acc = [[0f32; TILE]; ROWS];
-    let (q_block, _) = q_block.as_chunks::<ROWS>();
     let (tile, _) = tile.as_chunks::<TILE>();
-    for (q, k) in q_block.iter().zip(tile) {
-        for (acc, &q) in acc.iter_mut().zip(q) {
+    let key_size = tile.len();
+    let q: [&[f32]; ROWS] = std::array::from_fn(|r| &q[r][..key_size]);
+    for (d, k) in tile.iter().enumerate() {
+        for (acc, q) in acc.iter_mut().zip(&q) {
+            let q = q[d];
             for (a, &k) in acc.iter_mut().zip(k) {
                 *a = multiply_add::<FMA>(q, k, *a);
             }
