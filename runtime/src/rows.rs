@@ -73,3 +73,48 @@ pub(crate) fn for_each_share(
         _ => run(out),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tract_linalg::multithread::{Executor, multithread_tract_scope};
+
+    /// The shares `for_each_share` hands out: (first row, rows), sorted.
+    fn shares(rows: usize, block: usize, macs: usize) -> Vec<(usize, usize)> {
+        let row_len = 3;
+        let mut out = vec![0f32; rows * row_len];
+        let seen = Mutex::new(Vec::new());
+        multithread_tract_scope(Executor::multithread(2), || {
+            for_each_share(&mut out, row_len, block, macs, |first, share| {
+                share.fill(1.0);
+                seen.lock().unwrap().push((first, share.len() / row_len));
+            })
+        });
+        assert!(out.iter().all(|&x| x == 1.0), "every row is handed out");
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        seen
+    }
+
+    #[test]
+    fn shares_are_whole_blocks_that_cover_every_row_once() {
+        let split = shares(197, 6, PARALLEL_MACS);
+        assert!(
+            (2..=2 * SHARES_PER_THREAD).contains(&split.len()),
+            "{split:?}"
+        );
+        let mut next = 0;
+        for &(first, rows) in &split {
+            assert_eq!(first, next, "{split:?}");
+            assert!(
+                first % 6 == 0 && (rows % 6 == 0 || first + rows == 197),
+                "{split:?}"
+            );
+            next = first + rows;
+        }
+        assert_eq!(next, 197);
+        // Too little work for a second thread: one share.
+        assert_eq!(shares(197, 6, PARALLEL_MACS - 1), [(0, 197)]);
+    }
+}
