@@ -11,8 +11,8 @@
 
 use std::cell::RefCell;
 
-use crate::rows::{LANES, for_each_share};
-use crate::softmax::{exp_in_place, multiply_add, row_max};
+use crate::rows::{PANEL_WIDTH, for_each_share, has_avx2_fma, rows_times_panel};
+use crate::softmax::{exp_in_place, row_max};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -116,8 +116,8 @@ impl Shape {
 /// Query rows computed together: each key (and value) vector loaded feeds this many of them,
 /// and [`TILE`] columns of each take twelve of the sixteen AVX2 registers as accumulators.
 const ROWS: usize = 6;
-/// Keys per score tile and value columns per output tile: two AVX2 vectors (four NEON ones).
-const TILE: usize = 2 * LANES;
+/// Keys per score tile and value columns per output tile.
+const TILE: usize = PANEL_WIDTH;
 
 thread_local! {
     /// Reused between frames: k and v in tiles on the calling thread, a block of scores on
@@ -245,7 +245,7 @@ struct Job<'a> {
 
 fn attend_queries(job: &Job, first_query: usize, out: &mut [f32], scratch: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for.
         unsafe { attend_queries_avx2_fma(job, first_query, out, scratch) };
         return;
@@ -303,7 +303,7 @@ fn attend_queries_with<const FMA: bool>(
                 &q[(token * heads + head) * key_size..][..key_size]
             });
             for (t, tile) in key_panel.chunks_exact(key_size * TILE).enumerate() {
-                let tile_scores = scores_tile::<FMA>(q_rows, tile);
+                let tile_scores = rows_times_panel::<FMA, ROWS>(q_rows, tile, [[0.0; TILE]; ROWS]);
                 for (r, tile_scores) in tile_scores.iter().enumerate() {
                     let row = &mut scores[r * padded_keys + t * TILE..][..TILE];
                     for (score, &dot) in row.iter_mut().zip(tile_scores) {
@@ -320,7 +320,8 @@ fn attend_queries_with<const FMA: bool>(
             let weights: [&[f32]; ROWS] =
                 std::array::from_fn(|r| &scores[r * padded_keys..][..keys]);
             for (column_tile, panel) in value_panel.chunks_exact(padded_keys * TILE).enumerate() {
-                let context = context_tile::<FMA>(weights, &panel[..keys * TILE]);
+                let panel = &panel[..keys * TILE];
+                let context = rows_times_panel::<FMA, ROWS>(weights, panel, [[0.0; TILE]; ROWS]);
                 let c = column_tile * TILE;
                 let width = TILE.min(value_size - c);
                 for r in 0..rows {
@@ -333,42 +334,6 @@ fn attend_queries_with<const FMA: bool>(
             }
         }
     }
-}
-
-/// `scores[r][l] = Σ_d q[r][d] · tile[d][l]` for one tile of keys.
-#[inline(always)]
-fn scores_tile<const FMA: bool>(q: [&[f32]; ROWS], tile: &[f32]) -> [[f32; TILE]; ROWS] {
-    let mut acc = [[0f32; TILE]; ROWS];
-    let (tile, _) = tile.as_chunks::<TILE>();
-    let key_size = tile.len();
-    let q: [&[f32]; ROWS] = std::array::from_fn(|r| &q[r][..key_size]);
-    for (d, k) in tile.iter().enumerate() {
-        for (acc, q) in acc.iter_mut().zip(&q) {
-            let q = q[d];
-            for (a, &k) in acc.iter_mut().zip(k) {
-                *a = multiply_add::<FMA>(q, k, *a);
-            }
-        }
-    }
-    acc
-}
-
-/// `context[r][l] = Σ_j weights[r][j] · panel[j][l]` for one tile of value columns.
-#[inline(always)]
-fn context_tile<const FMA: bool>(weights: [&[f32]; ROWS], panel: &[f32]) -> [[f32; TILE]; ROWS] {
-    let mut acc = [[0f32; TILE]; ROWS];
-    let (panel, _) = panel.as_chunks::<TILE>();
-    let keys = panel.len();
-    let weights: [&[f32]; ROWS] = std::array::from_fn(|r| &weights[r][..keys]);
-    for (j, v) in panel.iter().enumerate() {
-        for (acc, weights) in acc.iter_mut().zip(&weights) {
-            let w = weights[j];
-            for (x, &v) in acc.iter_mut().zip(v) {
-                *x = multiply_add::<FMA>(w, v, *x);
-            }
-        }
-    }
-    acc
 }
 
 /// One attention core found in a decluttered graph: where q, k and v come from, and the unit

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::rows::{LANES, for_each_share};
+use crate::rows::{PANEL_WIDTH, for_each_share, has_avx2_fma, rows_times_panel};
 use crate::softmax::multiply_add;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
@@ -20,9 +20,8 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::GeluExact;
 
-/// Output columns per panel: two AVX2 vectors, so [`ROWS`] rows take twelve of the sixteen
-/// vector registers as accumulators and leave room for the panel row and the broadcast.
-const COLUMNS: usize = 2 * LANES;
+/// Output columns per panel.
+const COLUMNS: usize = PANEL_WIDTH;
 /// Activation rows computed together: each panel row loaded feeds this many of them.
 const ROWS: usize = 6;
 
@@ -165,8 +164,7 @@ impl DenseLinear {
 
     fn rows(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             // SAFETY: the CPU has the features the function is compiled for.
             unsafe { self.rows_avx2_fma(x, residual, out) };
             return;
@@ -235,7 +233,9 @@ impl Block<'_> {
         residual: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let mut sums = block_product::<FMA, R>(x, self.panel, self.bias);
+        let depth = self.panel.len() / COLUMNS;
+        let x: [&[f32]; R] = std::array::from_fn(|r| &x[r * depth..][..depth]);
+        let mut sums = rows_times_panel::<FMA, R>(x, self.panel, [*self.bias; R]);
         if self.gelu {
             // Plain loops: a helper such as `array::map` may not be inlined into the caller
             // compiled for FMA, and `mul_add` outside it is a slow library call.
@@ -261,28 +261,6 @@ impl Block<'_> {
     }
 }
 
-/// `b + x W` for `R` rows of `x` and one panel of W.
-#[inline(always)]
-fn block_product<const FMA: bool, const R: usize>(
-    x: &[f32],
-    panel: &[f32],
-    bias: &[f32; COLUMNS],
-) -> [[f32; COLUMNS]; R] {
-    let (panel, _) = panel.as_chunks::<COLUMNS>();
-    let depth = panel.len();
-    let x: [&[f32]; R] = std::array::from_fn(|r| &x[r * depth..][..depth]);
-    let mut acc = [*bias; R];
-    for (d, w) in panel.iter().enumerate() {
-        for (acc, x) in acc.iter_mut().zip(&x) {
-            let a = x[d];
-            for (sum, &w) in acc.iter_mut().zip(w) {
-                *sum = multiply_add::<FMA>(a, w, *sum);
-            }
-        }
-    }
-    acc
-}
-
 /// `x Φ(x)`, GELU in its erf form as tract's `GeluExact` computes it: erf from Abramowitz
 /// and Stegun's 7.1.28 (absolute error below 3e-7), `1 - 1 / p(|z|)^16`.
 #[inline(always)]
@@ -305,14 +283,7 @@ fn gelu<const FMA: bool>(x: f32) -> f32 {
 /// Whether [`fuse_dense`] speeds this CPU up: measured on x86-64 with AVX2 and FMA. On ARM,
 /// tract's kernels are tuned per core (Cortex-A53 and others), so they stay.
 pub fn beats_tract_here() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    has_avx2_fma()
 }
 
 /// Replace each f32 product of activations by a constant matrix in a decluttered model by
@@ -450,6 +421,23 @@ fn linear_form(model: &TypedModel, einsum: usize) -> TractResult<Option<Linear>>
     }))
 }
 
+/// The Add node that is `node`'s only use and its other operand, if the sum keeps `node`'s
+/// shape.
+fn add_after(model: &TypedModel, node: usize) -> TractResult<Option<(usize, OutletId)>> {
+    let Some(add) = model.single_succ(node)? else {
+        return Ok(None);
+    };
+    let is_add = add
+        .op_as::<TypedBinOp>()
+        .is_some_and(|bin| bin.0.name() == "Add");
+    let same_shape = add.outputs[0].fact.shape == model.node(node).outputs[0].fact.shape;
+    let other = add.inputs.iter().copied().find(|i| i.node != node);
+    match other {
+        Some(other) if is_add && same_shape && add.inputs.len() == 2 => Ok(Some((add.id, other))),
+        _ => Ok(None),
+    }
+}
+
 /// The bias and the Add node if `einsum`'s only use is adding a constant that varies along
 /// the last axis only (`[1, …, width]`).
 fn bias_after(
@@ -457,17 +445,7 @@ fn bias_after(
     einsum: usize,
     width: usize,
 ) -> TractResult<Option<(Arc<Tensor>, usize)>> {
-    let Some(add) = model.single_succ(einsum)? else {
-        return Ok(None);
-    };
-    let is_add = add
-        .op_as::<TypedBinOp>()
-        .is_some_and(|bin| bin.0.name() == "Add");
-    if !is_add || add.outputs[0].fact.shape != model.node(einsum).outputs[0].fact.shape {
-        return Ok(None);
-    }
-    let other = add.inputs.iter().find(|i| i.node != einsum);
-    let Some(&other) = other else {
+    let Some((add, other)) = add_after(model, einsum)? else {
         return Ok(None);
     };
     let Some(bias) = model.outlet_fact(other)?.konst.clone() else {
@@ -477,7 +455,7 @@ fn bias_after(
     if !along_last_axis || bias.datum_type() != f32::datum_type() {
         return Ok(None);
     }
-    Ok(Some((bias, add.id)))
+    Ok(Some((bias, add)))
 }
 
 fn is_f32_gelu(node: &TypedNode) -> bool {
@@ -489,23 +467,15 @@ fn is_f32_gelu(node: &TypedNode) -> bool {
 /// The other operand and the Add node if `node`'s only use is being added to a computed f32
 /// tensor of its own shape.
 fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(OutletId, usize)>> {
-    let Some(add) = model.single_succ(node)? else {
-        return Ok(None);
-    };
-    let is_add = add
-        .op_as::<TypedBinOp>()
-        .is_some_and(|bin| bin.0.name() == "Add");
-    let fact = &model.node(node).outputs[0].fact;
-    let other = add.inputs.iter().copied().find(|i| i.node != node);
-    let Some(other) = other.filter(|_| is_add && add.inputs.len() == 2) else {
+    let Some((add, other)) = add_after(model, node)? else {
         return Ok(None);
     };
     let other_fact = model.outlet_fact(other)?;
-    let same = other_fact.shape == fact.shape && add.outputs[0].fact.shape == fact.shape;
+    let same = other_fact.shape == model.node(node).outputs[0].fact.shape;
     if !same || other_fact.konst.is_some() || other_fact.datum_type != f32::datum_type() {
         return Ok(None);
     }
-    Ok(Some((other, add.id)))
+    Ok(Some((other, add)))
 }
 
 #[cfg(test)]

@@ -2,11 +2,51 @@
 //! ([`crate::softmax`], [`crate::layer_norm`]), and spreading blocks of output rows over
 //! tract's threads ([`crate::attention`], [`crate::dense`]).
 
+use crate::softmax::multiply_add;
 use tract_onnx::tract_core::internal::*;
 
 /// Accumulator lanes: one AVX2 vector of f32 (two NEON vectors), which the compiler keeps in
 /// registers when a loop sums into `[f32; LANES]`.
 pub(crate) const LANES: usize = 8;
+/// Columns of a weight panel (dense layers) or a key/value tile (attention): two AVX2 vectors
+/// (four NEON ones), so six rows of them take twelve of the sixteen AVX2 registers.
+pub(crate) const PANEL_WIDTH: usize = 2 * LANES;
+
+/// Whether the CPU runs the kernels' x86 paths (AVX2 and FMA); false off x86-64.
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `start[r][l] + Σ_j rows[r][j] · panel[j][l]` over the panel's rows: the block product of
+/// attention's scores and context and of dense layers. Each panel row loaded feeds all `R`
+/// rows, and the sums stay in registers when it is inlined into a caller compiled for FMA.
+#[inline(always)]
+pub(crate) fn rows_times_panel<const FMA: bool, const R: usize>(
+    rows: [&[f32]; R],
+    panel: &[f32],
+    start: [[f32; PANEL_WIDTH]; R],
+) -> [[f32; PANEL_WIDTH]; R] {
+    let (panel, _) = panel.as_chunks::<PANEL_WIDTH>();
+    let len = panel.len();
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &rows[r][..len]);
+    let mut acc = start;
+    for (j, p) in panel.iter().enumerate() {
+        for (acc, row) in acc.iter_mut().zip(&rows) {
+            let a = row[j];
+            for (sum, &p) in acc.iter_mut().zip(p) {
+                *sum = multiply_add::<FMA>(a, p, *sum);
+            }
+        }
+    }
+    acc
+}
 
 /// `input` (f32, or an error) with `update` applied to chunks of whole `row_len` rows of its
 /// row-major storage, in place when nothing else holds the tensor. `cost` is the update's

@@ -85,7 +85,7 @@ pub fn use_row_softmax(model: &mut TypedModel) -> usize {
 /// Softmax of each `row_len` row of `rows`, in place.
 pub fn softmax_rows(rows: &mut [f32], row_len: usize) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if crate::rows::has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for.
         unsafe { softmax_rows_avx2_fma(rows, row_len) };
         return;
