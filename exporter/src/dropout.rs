@@ -13,12 +13,13 @@ use burn::nn::Dropout;
 use burn::tensor::{Tensor, TensorData};
 
 thread_local! {
-    /// Per thread, so that runs training side by side (tests) each get a reproducible stream.
+    /// Per thread: each part of a training batch runs on its own thread with its own stream,
+    /// and runs training side by side (tests) each get a reproducible one.
     static STREAM: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Restart this thread's mask stream; the training loop calls it once per epoch, with
-/// `Device::seed`, so a resumed epoch drops the same values.
+/// Restart this thread's mask stream; the training loop calls it for each part of a batch, from
+/// the epoch's seed and the step, so a resumed epoch drops the same values.
 pub fn seed(seed: u64) {
     STREAM.with(|state| state.set(seed));
 }

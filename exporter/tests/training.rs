@@ -3,7 +3,7 @@
 
 use exporter::Preset;
 use exporter::data::{Batcher, ImageFolder, ImageSet, PreparedSet, Source};
-use exporter::training::{self, NewRun, Recipe, TrainSummary};
+use exporter::training::{self, ModelOverrides, NewRun, Recipe, TrainSummary};
 use rand::SeedableRng;
 use std::path::Path;
 
@@ -79,14 +79,23 @@ fn tiny_model_learns_and_beats_chance() {
 fn resume_continues_the_step_count_and_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
-    let straight = train(&data, &dir.path().join("straight"), 3);
+    // With dropout: each half batch draws its own mask on whichever thread runs it, and a
+    // resumed epoch must draw the same ones.
+    let with_dropout = || NewRun {
+        overrides: ModelOverrides {
+            dropout: Some(0.2),
+            ..ModelOverrides::default()
+        },
+        ..new_run(&data, 3)
+    };
+    let straight = training::train(with_dropout(), &dir.path().join("straight"), &mut ()).unwrap();
 
     // The same 3-epoch schedule, interrupted after epoch 1 and resumed in a new call.
     let run = dir.path().join("resumed");
     let first = training::train(
         NewRun {
             stop_after: Some(1),
-            ..new_run(&data, 3)
+            ..with_dropout()
         },
         &run,
         &mut (),
