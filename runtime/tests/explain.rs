@@ -42,8 +42,8 @@ fn overlay_and_grid_have_the_frames_size_and_a_real_map() {
             (blocks * width, height)
         );
 
-        // Patch 7 on 28 px: a 4×4 map, and a trained model's map is not flat.
-        assert_eq!(report["map"]["side"], 4);
+        // Patch 4 on 28 px: a 7×7 map, and a trained model's map is not flat.
+        assert_eq!(report["map"]["side"], 7);
         let values: Vec<f64> = report["map"]["values"]
             .as_array()
             .unwrap()
