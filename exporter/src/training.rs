@@ -478,7 +478,8 @@ fn run(
 
     let end_epoch = stop_after.map_or(config.epochs, |n| config.epochs.min(start_epoch + n));
     for epoch in start_epoch..end_epoch {
-        // Seeding per epoch makes dropout and augmentation of a resumed epoch identical.
+        // Seeding per epoch (and dropout per step, from `epoch_seed`) makes dropout and
+        // augmentation of a resumed epoch identical.
         let epoch_seed = config.seed.wrapping_add(epoch as u64 + 1);
         device.seed(epoch_seed);
         let mut rng = StdRng::seed_from_u64(config.seed.wrapping_add(1000 + epoch as u64));
@@ -492,7 +493,11 @@ fn run(
                 batcher.batch(&train_source, indices, &mut rng, &train_device)?;
             lr = learning_rate(config, step, total_steps, steps_per_epoch);
             let dropout_seed = epoch_seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let outcome = batch_gradients(
+            let BatchOutcome {
+                loss: loss_value,
+                correct: batch_correct,
+                mut grads,
+            } = batch_gradients(
                 &model,
                 &loss_fn,
                 images,
@@ -500,14 +505,11 @@ fn run(
                 rayon::current_num_threads(),
                 dropout_seed,
             );
-            if !outcome.loss.is_finite() {
+            if !loss_value.is_finite() {
                 return Err(TrainError::Invalid(format!(
-                    "loss became {} at step {step}; lower the learning rate",
-                    outcome.loss
+                    "loss became {loss_value} at step {step}; lower the learning rate"
                 )));
             }
-            let (loss_value, batch_correct, mut grads) =
-                (outcome.loss, outcome.correct, outcome.grads);
             if let Some(max_norm) = config.grad_clip {
                 clip_global_norm(&model, &mut grads, max_norm);
             }

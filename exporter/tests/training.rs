@@ -79,8 +79,8 @@ fn tiny_model_learns_and_beats_chance() {
 fn resume_continues_the_step_count_and_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
-    // With dropout: each half batch draws its own mask on whichever thread runs it, and a
-    // resumed epoch must draw the same ones.
+    // With dropout: each part of a batch draws its own mask on whichever thread runs it, and
+    // a resumed epoch must draw the same ones.
     let with_dropout = || NewRun {
         overrides: ModelOverrides {
             dropout: Some(0.2),
