@@ -28,7 +28,8 @@ typedef struct {
 
 /* Load an ONNX model carrying vit.* metadata (model_path NULL: the model embedded in the
  * library). top_k: predictions per frame, 1..16. threads: cores for matrix products (0 one
- * per physical core, 1 the calling thread; process-wide). NULL on failure. */
+ * per physical core, 1 the calling thread; process-wide; a library built without the
+ * `threads` feature takes 0 or 1). NULL on failure. */
 VitClassifier *vit_classifier_new(const char *model_path, size_t top_k, size_t threads);
 
 /* Classify a width x height frame whose rows are stride bytes apart. Writes up to capacity

@@ -11,7 +11,7 @@
 
 use std::cell::RefCell;
 
-use crate::rows::{PANEL_WIDTH, for_each_share, has_avx2_fma, rows_times_panel};
+use crate::rows::{PANEL_WIDTH, for_each_share, rows_times_panel};
 use crate::softmax::{exp_in_place, row_max};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
@@ -245,7 +245,7 @@ struct Job<'a> {
 
 fn attend_queries(job: &Job, first_query: usize, out: &mut [f32], scratch: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if crate::rows::has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for.
         unsafe { attend_queries_avx2_fma(job, first_query, out, scratch) };
         return;
@@ -502,7 +502,7 @@ fn einsum_form(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_linalg::multithread::{Executor, multithread_tract_scope};
+    use crate::rows::on_two_threads;
 
     /// Attention in double precision, straight from the definition.
     fn reference(shape: Shape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
@@ -574,9 +574,7 @@ mod tests {
             let v = values(keys * heads * value_size, 3);
             let scale = 1.0 / (key_size as f32).sqrt();
             let mut out = vec![f32::NAN; queries * heads * value_size];
-            let two_threads = Executor::multithread(2);
-            multithread_tract_scope(two_threads, || attend(shape, scale, &q, &k, &v, &mut out))
-                .unwrap();
+            on_two_threads(|| attend(shape, scale, &q, &k, &v, &mut out)).unwrap();
             let expected = reference(shape, scale, &q, &k, &v);
             for (got, want) in out.iter().zip(&expected) {
                 assert!(

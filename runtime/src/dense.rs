@@ -481,7 +481,7 @@ fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(Outlet
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_linalg::multithread::{Executor, multithread_tract_scope};
+    use crate::rows::on_two_threads;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
@@ -512,8 +512,7 @@ mod tests {
             let op = DenseLinear::new(&w, false, Some(&b), depth, width, tvec![rows, width]);
             let op = op.unwrap();
             let mut out = vec![f32::NAN; rows * width];
-            let two_threads = Executor::multithread(2);
-            multithread_tract_scope(two_threads, || op.apply(&x, None, &mut out));
+            on_two_threads(|| op.apply(&x, None, &mut out));
             for r in 0..rows {
                 for c in 0..width {
                     let expected: f64 = b[c] as f64

@@ -68,7 +68,7 @@ fn new_classifier(model: Model, top_k: usize) -> Result<*mut VitClassifier, Stri
 
 /// Load an ONNX model with `vit.*` metadata. `model_path` NULL: the embedded default model.
 /// `threads`: cores for matrix products (0 one per physical core, 1 the calling thread;
-/// process-wide).
+/// process-wide; a build without the `threads` feature takes 0 or 1).
 /// Returns NULL on failure.
 ///
 /// # Safety

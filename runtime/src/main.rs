@@ -223,7 +223,8 @@ struct ModelArgs {
     #[arg(long)]
     labels: Option<PathBuf>,
     /// Cores for tract's matrix products: 0 (default) one per physical core, 1 the calling
-    /// thread only (steadiest latency, leaves the other cores to the camera).
+    /// thread only (steadiest latency, leaves the other cores to the camera). A build without
+    /// the `threads` feature has the calling thread only.
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// f32, f16 or int8. Default: as stored (an int8 file from `runtime quantize` runs int8).

@@ -71,15 +71,18 @@ pub(crate) fn update_rows(
 
 /// Multiply-adds from which [`for_each_share`] spreads the work over threads: below about
 /// 50 µs of arithmetic, waking a second thread costs more than it saves.
+#[cfg(feature = "threads")]
 pub(crate) const PARALLEL_MACS: usize = 1 << 21;
 /// Shares per thread, as tract splits its own work, so a thread that wakes late takes fewer.
 /// (One share per thread measured no different on `video` and `deit-tiny`.)
+#[cfg(feature = "threads")]
 const SHARES_PER_THREAD: usize = 4;
 
 /// `f(first_row, rows)` over shares of `out`'s `row_len`-long rows, on tract's threads when
 /// `macs` reaches [`PARALLEL_MACS`]. Each share is a whole number of `block` rows: an operator
 /// computing `block` rows at a time would otherwise run a partial block in most shares (tract's
 /// split of 25 rows into blocks of 6 computes 30).
+#[cfg(feature = "threads")]
 pub(crate) fn for_each_share(
     out: &mut [f32],
     row_len: usize,
@@ -114,18 +117,43 @@ pub(crate) fn for_each_share(
     }
 }
 
+/// A single-threaded build (no `threads` feature) computes every row on the calling thread.
+#[cfg(not(feature = "threads"))]
+pub(crate) fn for_each_share(
+    out: &mut [f32],
+    _row_len: usize,
+    _block: usize,
+    _macs: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    f(0, out)
+}
+
+/// Runs `f` with two inference threads where the build has them, so the operators' tests also
+/// cover the threaded path.
+#[cfg(test)]
+pub(crate) fn on_two_threads<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "threads")]
+    {
+        use tract_linalg::multithread::{Executor, multithread_tract_scope};
+        multithread_tract_scope(Executor::multithread(2), f)
+    }
+    #[cfg(not(feature = "threads"))]
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-    use tract_linalg::multithread::{Executor, multithread_tract_scope};
 
     /// The shares `for_each_share` hands out: (first row, rows), sorted.
+    #[cfg(feature = "threads")]
     fn shares(rows: usize, block: usize, macs: usize) -> Vec<(usize, usize)> {
+        use std::sync::Mutex;
         let row_len = 3;
         let mut out = vec![0f32; rows * row_len];
         let seen = Mutex::new(Vec::new());
-        multithread_tract_scope(Executor::multithread(2), || {
+        on_two_threads(|| {
             for_each_share(&mut out, row_len, block, macs, |first, share| {
                 share.fill(1.0);
                 seen.lock().unwrap().push((first, share.len() / row_len));
@@ -138,6 +166,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "threads")]
     fn shares_are_whole_blocks_that_cover_every_row_once() {
         let split = shares(197, 6, PARALLEL_MACS);
         assert!(

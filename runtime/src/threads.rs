@@ -1,9 +1,6 @@
 //! How many cores tract's matrix products use. One executor for the whole process: tract reads
 //! it on every run, so set it once at start-up, before classifying.
 
-use std::sync::Arc;
-use tract_linalg::multithread::{Executor, set_default_executor};
-
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start {threads} inference threads: {reason}")]
 pub struct ThreadsError {
@@ -16,7 +13,10 @@ pub struct ThreadsError {
 ///
 /// One thread gets no pool at all: a one-thread rayon pool only adds hand-offs, and tract
 /// issue #2894 has such a pool fall through to the global one.
+#[cfg(feature = "threads")]
 pub fn set_threads(threads: usize) -> Result<usize, ThreadsError> {
+    use std::sync::Arc;
+    use tract_linalg::multithread::{Executor, set_default_executor};
     let threads = match threads {
         0 => physical_cores(),
         n => n,
@@ -36,6 +36,19 @@ pub fn set_threads(threads: usize) -> Result<usize, ThreadsError> {
     };
     set_default_executor(executor);
     Ok(threads)
+}
+
+/// A build without the `threads` feature runs on the calling thread: 0 and 1 mean that, more
+/// is an error rather than a silent single thread.
+#[cfg(not(feature = "threads"))]
+pub fn set_threads(threads: usize) -> Result<usize, ThreadsError> {
+    match threads {
+        0 | 1 => Ok(1),
+        _ => Err(ThreadsError {
+            threads,
+            reason: "this build is single-threaded (built without the `threads` feature)".into(),
+        }),
+    }
 }
 
 /// Physical cores: distinct (package, core) pairs of `/proc/cpuinfo`, so SMT siblings count
@@ -67,6 +80,15 @@ fn cores_in_cpuinfo(cpuinfo: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(not(feature = "threads"))]
+    fn a_single_threaded_build_refuses_more_threads() {
+        assert_eq!(set_threads(0).unwrap(), 1);
+        assert_eq!(set_threads(1).unwrap(), 1);
+        let error = set_threads(4).unwrap_err().to_string();
+        assert!(error.contains("single-threaded"), "{error}");
+    }
 
     #[test]
     fn smt_siblings_count_once() {
