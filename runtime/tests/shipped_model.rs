@@ -49,7 +49,7 @@ fn metadata_describes_a_trained_fashion_mnist_model() {
     assert_eq!(p.resize, ResizeMode::Squash);
     assert_eq!(model.metadata["vit.preset"], "fashion");
     let val_accuracy: f64 = model.metadata["vit.val_accuracy"].parse().unwrap();
-    assert!(val_accuracy >= 0.90, "validation accuracy {val_accuracy}");
+    assert!(val_accuracy >= 0.91, "validation accuracy {val_accuracy}");
 }
 
 #[test]
@@ -58,7 +58,7 @@ fn classifies_the_committed_test_images() {
     let report = evaluate_folder(&mut classifier, &shipped("test-images"), |_, _| {}).unwrap();
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     assert_eq!(report.summary.count, 30, "three images of each class");
-    // The model scores 90.3 % on the 10k test images; 30 images sample that with a few points of
+    // The model scores 91.7 % on the 10k test images; 30 images sample that with a few points of
     // noise. A wrong model, label order or preprocessing lands far below (chance is 10 %).
     let wrong: Vec<String> = (0..CLASSES.len())
         .flat_map(|truth| {
