@@ -142,12 +142,12 @@ pub(crate) fn on_two_threads<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-#[cfg(test)]
+// Only a threaded build splits the rows.
+#[cfg(all(test, feature = "threads"))]
 mod tests {
     use super::*;
 
     /// The shares `for_each_share` hands out: (first row, rows), sorted.
-    #[cfg(feature = "threads")]
     fn shares(rows: usize, block: usize, macs: usize) -> Vec<(usize, usize)> {
         use std::sync::Mutex;
         let row_len = 3;
@@ -166,7 +166,6 @@ mod tests {
     }
 
     #[test]
-    #[cfg(feature = "threads")]
     fn shares_are_whole_blocks_that_cover_every_row_once() {
         let split = shares(197, 6, PARALLEL_MACS);
         assert!(
