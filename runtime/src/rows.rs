@@ -81,8 +81,8 @@ const SHARES_PER_THREAD: usize = 4;
 /// `f(first_row, rows)` over shares of `out`'s `row_len`-long rows, on tract's threads when
 /// `macs` reaches [`PARALLEL_MACS`]. Each share is a whole number of `block` rows: an operator
 /// computing `block` rows at a time would otherwise run a partial block in most shares (tract's
-/// split of 25 rows into blocks of 6 computes 30).
-#[cfg(feature = "threads")]
+/// split of 25 rows into blocks of 6 computes 30). A build without the `threads` feature
+/// computes every row on the calling thread.
 pub(crate) fn for_each_share(
     out: &mut [f32],
     row_len: usize,
@@ -90,43 +90,39 @@ pub(crate) fn for_each_share(
     macs: usize,
     f: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
-    use rayon::prelude::*;
-    use tract_linalg::multithread::{Executor, current_tract_executor};
-    let rows = out.len() / row_len.max(1);
-    let executor = current_tract_executor();
-    let threads = match &executor {
-        _ if macs < PARALLEL_MACS => 1,
-        Executor::MultiThread(pool) => pool.current_num_threads(),
-        Executor::RayonGlobal => rayon::current_num_threads(),
-        Executor::SingleThread => 1,
-    };
-    let share = rows
-        .div_ceil(SHARES_PER_THREAD * threads)
-        .next_multiple_of(block);
-    if threads < 2 || rows <= share {
-        return f(0, out);
+    #[cfg(not(feature = "threads"))]
+    {
+        let _ = (row_len, block, macs);
+        f(0, out)
     }
-    let run = |out: &mut [f32]| {
-        out.par_chunks_mut(share * row_len)
-            .enumerate()
-            .for_each(|(index, rows)| f(index * share, rows))
-    };
-    match executor {
-        Executor::MultiThread(pool) => pool.install(|| run(out)),
-        _ => run(out),
+    #[cfg(feature = "threads")]
+    {
+        use rayon::prelude::*;
+        use tract_linalg::multithread::{Executor, current_tract_executor};
+        let rows = out.len() / row_len.max(1);
+        let executor = current_tract_executor();
+        let threads = match &executor {
+            _ if macs < PARALLEL_MACS => 1,
+            Executor::MultiThread(pool) => pool.current_num_threads(),
+            Executor::RayonGlobal => rayon::current_num_threads(),
+            Executor::SingleThread => 1,
+        };
+        let share = rows
+            .div_ceil(SHARES_PER_THREAD * threads)
+            .next_multiple_of(block);
+        if threads < 2 || rows <= share {
+            return f(0, out);
+        }
+        let run = |out: &mut [f32]| {
+            out.par_chunks_mut(share * row_len)
+                .enumerate()
+                .for_each(|(index, rows)| f(index * share, rows))
+        };
+        match executor {
+            Executor::MultiThread(pool) => pool.install(|| run(out)),
+            _ => run(out),
+        }
     }
-}
-
-/// A single-threaded build (no `threads` feature) computes every row on the calling thread.
-#[cfg(not(feature = "threads"))]
-pub(crate) fn for_each_share(
-    out: &mut [f32],
-    _row_len: usize,
-    _block: usize,
-    _macs: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync + Send,
-) {
-    f(0, out)
 }
 
 /// Runs `f` with two inference threads where the build has them, so the operators' tests also
