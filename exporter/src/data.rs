@@ -165,12 +165,17 @@ impl ImageSet {
     }
 }
 
-/// Random-resized crop and horizontal flip, mild enough for small datasets.
+/// Random-resized crop and horizontal flip, mild enough for small datasets, and optionally
+/// random erasing.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Augmentation {
     /// Range of the crop's area as a fraction of the image.
     pub min_area: f32,
     pub flip: bool,
+    /// Probability of random erasing (Zhong et al., 2017): a rectangle covering 2–40 % of the
+    /// image, of aspect 0.3–3.3, set to 0, the mean pixel once normalised.
+    #[serde(default)]
+    pub erase: f32,
 }
 
 impl Default for Augmentation {
@@ -178,9 +183,15 @@ impl Default for Augmentation {
         Augmentation {
             min_area: 0.5,
             flip: true,
+            erase: 0.0,
         }
     }
 }
+
+/// Smallest and largest area of an erased rectangle, as a fraction of the image.
+const ERASE_AREA: (f32, f32) = (0.02, 0.4);
+/// Smallest aspect ratio of an erased rectangle; the largest is its inverse.
+const ERASE_MIN_ASPECT: f32 = 0.3;
 
 impl Augmentation {
     fn crop(&self, width: u32, height: u32, rng: &mut StdRng) -> Region {
@@ -202,6 +213,33 @@ impl Augmentation {
             }
         }
         Region::whole(width, height)
+    }
+
+    /// Erase a random rectangle of the `size`×`size` planes in `pixels`, with probability
+    /// [`Augmentation::erase`]. Every channel loses the same rectangle.
+    fn erase(&self, pixels: &mut [f32], size: usize, rng: &mut StdRng) {
+        if self.erase <= 0.0 || !rng.random_bool(f64::from(self.erase.min(1.0))) {
+            return;
+        }
+        let image_area = (size * size) as f32;
+        for _ in 0..10 {
+            let area = image_area * rng.random_range(ERASE_AREA.0..=ERASE_AREA.1);
+            let aspect = rng
+                .random_range(ERASE_MIN_ASPECT.ln()..=(1.0 / ERASE_MIN_ASPECT).ln())
+                .exp();
+            let height = (area * aspect).sqrt().round() as usize;
+            let width = (area / aspect).sqrt().round() as usize;
+            if (1..size).contains(&height) && (1..size).contains(&width) {
+                let top = rng.random_range(0..=size - height);
+                let left = rng.random_range(0..=size - width);
+                for plane in pixels.chunks_mut(size * size) {
+                    for row in plane.chunks_mut(size).skip(top).take(height) {
+                        row[left..left + width].fill(0.0);
+                    }
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -307,6 +345,7 @@ impl Batcher {
                     if augmentation.flip && rng.random_bool(0.5) {
                         out.chunks_mut(size).for_each(|row| row.reverse());
                     }
+                    augmentation.erase(out, size, rng);
                     self.labels.push(set.labels[index] as i64);
                 }
             }
@@ -330,4 +369,62 @@ pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
         seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
     ));
     order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn erased(augmentation: Augmentation, seed: u64) -> Vec<f32> {
+        let mut pixels = vec![1.0; 2 * 28 * 28];
+        augmentation.erase(&mut pixels, 28, &mut StdRng::seed_from_u64(seed));
+        pixels
+    }
+
+    #[test]
+    fn erasing_zeroes_one_rectangle_in_every_channel() {
+        let always = Augmentation {
+            erase: 1.0,
+            ..Augmentation::default()
+        };
+        for seed in 0..50 {
+            let pixels = erased(always, seed);
+            let (red, green) = pixels.split_at(28 * 28);
+            assert_eq!(red, green, "channels erased differently");
+            let zeros: Vec<(usize, usize)> = (0..28 * 28)
+                .filter(|&i| red[i] == 0.0)
+                .map(|i| (i / 28, i % 28))
+                .collect();
+            let rows = zeros.iter().map(|z| z.0);
+            let cols = zeros.iter().map(|z| z.1);
+            let height = rows.clone().max().unwrap() - rows.min().unwrap() + 1;
+            let width = cols.clone().max().unwrap() - cols.min().unwrap() + 1;
+            assert_eq!(
+                zeros.len(),
+                height * width,
+                "not one rectangle (seed {seed})"
+            );
+            let area = zeros.len() as f32 / (28.0 * 28.0);
+            assert!(
+                (0.01..=0.45).contains(&area),
+                "erased {area} of the image (seed {seed})"
+            );
+        }
+    }
+
+    #[test]
+    fn erasing_is_off_by_default_and_follows_its_probability() {
+        assert!(erased(Augmentation::default(), 1).iter().all(|&p| p == 1.0));
+        let half = Augmentation {
+            erase: 0.5,
+            ..Augmentation::default()
+        };
+        let erased_count = (0..400)
+            .filter(|&seed| erased(half, seed).contains(&0.0))
+            .count();
+        assert!(
+            (140..=260).contains(&erased_count),
+            "{erased_count} of 400 erased at p = 0.5"
+        );
+    }
 }

@@ -60,6 +60,15 @@ struct TrainArgs {
     /// Continue the run in this folder from its last complete epoch.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+    /// Fine-tune: a new run that starts from this run's best weights, with its architecture,
+    /// preprocessing and classes, and a fresh optimizer and schedule (the recipe flags below).
+    #[arg(
+        long,
+        value_name = "RUN_DIR",
+        conflicts_with_all = ["resume", "preset", "image_size", "patch_size", "dim", "depth",
+            "heads", "mlp_dim", "channels", "mean", "std", "resize"]
+    )]
+    init_from: Option<PathBuf>,
     /// Architecture preset; the flags below override single fields.
     #[arg(long, value_enum, default_value_t = Preset::Seed)]
     preset: Preset,
@@ -114,6 +123,10 @@ struct TrainArgs {
     /// Implies --augment unless --no-augment is given.
     #[arg(long)]
     crop_min_area: Option<f32>,
+    /// Probability of random erasing: a rectangle of 2–40 % of the image set to the mean
+    /// pixel. Implies --augment unless --no-augment is given.
+    #[arg(long, value_name = "PROBABILITY")]
+    erase: Option<f32>,
     /// Input channels (default: 1 if every training image is grey, else 3).
     #[arg(long)]
     channels: Option<usize>,
@@ -284,9 +297,11 @@ fn train(args: TrainArgs) -> Result<()> {
             augment: match (args.augment, args.no_augment) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),
-                _ => args.crop_min_area.map(|_| true),
+                _ => (args.crop_min_area.is_some() || args.erase.is_some()).then_some(true),
             },
             crop_min_area: args.crop_min_area,
+            erase: args.erase,
+            init_from: args.init_from.clone(),
             channels: args.channels,
             mean: args.mean.clone(),
             std: args.std.clone(),

@@ -71,6 +71,9 @@ pub struct TrainingConfig {
     pub val_fraction: f64,
     pub augmentation: Option<Augmentation>,
     pub backend: String,
+    /// Weights the run started from (another run's best), instead of a random initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// The recipe, separate from the model and data it is applied to.
@@ -118,6 +121,11 @@ pub struct NewRun {
     pub augment: Option<bool>,
     /// Smallest crop area (fraction of the image) of the random-resized crop, when augmenting.
     pub crop_min_area: Option<f32>,
+    /// Random-erasing probability, when augmenting.
+    pub erase: Option<f32>,
+    /// Fine-tune: start from this run's best weights, with its architecture, preprocessing and
+    /// classes (which the data must match), instead of from `preset`.
+    pub init_from: Option<PathBuf>,
     pub channels: Option<usize>,
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
@@ -140,6 +148,8 @@ impl NewRun {
             recipe,
             augment: None,
             crop_min_area: None,
+            erase: None,
+            init_from: None,
             channels: None,
             mean: None,
             std: None,
@@ -259,27 +269,42 @@ pub fn train(
         splits.val.len()
     ));
     let (train_set, val_set) = load_sets(&splits, progress)?;
-    let channels = new
-        .channels
-        .unwrap_or(if train_set.all_grey() { 1 } else { 3 });
-    let mut model = new.preset.config(channels, splits.classes.len());
-    new.overrides.apply(&mut model);
-    model.validate()?;
-    let mut preprocess = PreprocessConfig::new(model.image_size as u32, channels as u32);
-    preprocess.resize = new.resize;
-    if let Some(mean) = new.mean {
-        preprocess.mean = runtime::preprocess::per_channel(mean, channels);
-    }
-    if let Some(std) = new.std {
-        preprocess.std = runtime::preprocess::per_channel(std, channels);
-    }
-    preprocess
-        .validate()
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let (preset, model, preprocess, init_from) = match &new.init_from {
+        Some(source_dir) => {
+            let source: TrainingConfig = read_json(&source_dir.join(CONFIG_FILE))?;
+            if source.classes != splits.classes {
+                return Err(TrainError::run(
+                    source_dir,
+                    format!(
+                        "was trained on classes {:?}, the data has {:?}; fine-tuning needs the same",
+                        source.classes, splits.classes
+                    ),
+                ));
+            }
+            let weights = source_dir.join(BEST_WEIGHTS);
+            if !weights.is_file() {
+                return Err(TrainError::run(
+                    source_dir,
+                    "has no best weights (best.bpk) yet",
+                ));
+            }
+            let mut model = source.model;
+            if let Some(dropout) = new.overrides.dropout {
+                model.dropout = dropout;
+            }
+            (source.preset, model, source.preprocess, Some(weights))
+        }
+        None => {
+            let (model, preprocess) =
+                architecture(&new, train_set.all_grey(), splits.classes.len())?;
+            (Some(new.preset), model, preprocess, None)
+        }
+    };
+    let channels = model.channels;
     let recipe = new.recipe;
     let config = TrainingConfig {
         data: new.data,
-        preset: Some(new.preset),
+        preset,
         model,
         preprocess,
         classes: splits.classes,
@@ -298,11 +323,13 @@ pub fn train(
                 min_area: new
                     .crop_min_area
                     .unwrap_or(Augmentation::default().min_area),
+                erase: new.erase.unwrap_or_default(),
                 ..Augmentation::default()
             };
             new.augment.unwrap_or(channels == 3).then_some(augmentation)
         },
         backend: new.backend,
+        init_from,
     };
     validate_recipe(&config)?;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::run(run_dir, e))?;
@@ -315,6 +342,31 @@ pub fn train(
         new.stop_after,
         progress,
     )
+}
+
+/// The model and preprocessing of a run started from `new.preset`: the preset with the
+/// overrides, 1 channel for all-grey data unless told otherwise.
+fn architecture(
+    new: &NewRun,
+    all_grey: bool,
+    classes: usize,
+) -> Result<(ViTConfig, PreprocessConfig), TrainError> {
+    let channels = new.channels.unwrap_or(if all_grey { 1 } else { 3 });
+    let mut model = new.preset.config(channels, classes);
+    new.overrides.apply(&mut model);
+    model.validate()?;
+    let mut preprocess = PreprocessConfig::new(model.image_size as u32, channels as u32);
+    preprocess.resize = new.resize;
+    if let Some(mean) = &new.mean {
+        preprocess.mean = runtime::preprocess::per_channel(mean.clone(), channels);
+    }
+    if let Some(std) = &new.std {
+        preprocess.std = runtime::preprocess::per_channel(std.clone(), channels);
+    }
+    preprocess
+        .validate()
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok((model, preprocess))
 }
 
 /// Continue the run in `run_dir` from its last complete epoch, optionally to more epochs
@@ -371,6 +423,12 @@ fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {
         .is_some_and(|a| !(a.min_area > 0.0 && a.min_area <= 1.0))
     {
         return invalid("the crop's minimum area must be in (0, 1]");
+    }
+    if config
+        .augmentation
+        .is_some_and(|a| !(0.0..=1.0).contains(&a.erase))
+    {
+        return invalid("the erasing probability must be in [0, 1]");
     }
     Ok(())
 }
@@ -454,6 +512,9 @@ fn run(
             "resuming after epoch {} (step {step})",
             checkpoint.epoch
         ));
+    } else if let Some(weights) = &config.init_from {
+        model = load_weights(model, weights)?;
+        progress.message(&format!("starting from {}", weights.display()));
     }
 
     let prepared_train = match config.augmentation {

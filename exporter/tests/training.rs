@@ -124,6 +124,69 @@ fn resume_continues_the_step_count_and_the_loss() {
 }
 
 #[test]
+fn fine_tuning_starts_from_the_source_runs_best_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let source = dir.path().join("source");
+    let trained = train(&data, &source, 4);
+    let best = trained.best.unwrap();
+
+    // A learning rate too small to move the weights: the fine-tuned model scores what the
+    // source's best did, which a fresh initialisation (near ln 3 loss) would not.
+    let still = Recipe {
+        epochs: 1,
+        learning_rate: 1e-12,
+        min_learning_rate: 1e-12,
+        ..new_run(&data, 1).recipe
+    };
+    let tuned = training::train(
+        NewRun {
+            init_from: Some(source.clone()),
+            erase: Some(0.5),
+            augment: Some(true),
+            recipe: still.clone(),
+            ..new_run(&data, 1)
+        },
+        &dir.path().join("tuned"),
+        &mut (),
+    )
+    .unwrap();
+    let epoch = &tuned.epochs[0];
+    assert!(
+        (epoch.val_loss - best.val_loss).abs() < 1e-4,
+        "fine-tuned validation loss {} vs the source's best {}",
+        epoch.val_loss,
+        best.val_loss
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("tuned/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["augmentation"]["erase"], 0.5);
+    assert!(config["init_from"].as_str().unwrap().ends_with("best.bpk"));
+
+    // The data must have the source's classes.
+    let other = dir.path().join("other");
+    exporter::synthetic::write_dataset(&other, 4, 10, 20, 24, 1).unwrap();
+    let refused = training::train(
+        NewRun {
+            init_from: Some(source),
+            recipe: still,
+            ..new_run(&other, 1)
+        },
+        &dir.path().join("refused"),
+        &mut (),
+    );
+    assert!(
+        refused
+            .unwrap_err()
+            .to_string()
+            .contains("fine-tuning needs the same"),
+        "a class mismatch was accepted"
+    );
+}
+
+#[test]
 fn corrupt_images_are_skipped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
