@@ -237,6 +237,12 @@ impl Model {
             .and_then(|typed| typed.into_decluttered())
             .map_err(tract)?;
         if precision == Precision::F16 {
+            if !tract_linalg::has_fp16() {
+                log::warn!(
+                    "this CPU has no fp16 arithmetic: f16 only stores values here, and every \
+                     operation converts them, so it runs far slower than f32"
+                );
+            }
             typed = precision::to_f16(typed).map_err(tract)?;
         } else {
             crate::attention::fuse_attention(&mut typed).map_err(tract)?;
