@@ -218,6 +218,8 @@ impl Augmentation {
     /// Erase a random rectangle of the `size`×`size` planes in `pixels`, with probability
     /// [`Augmentation::erase`]. Every channel loses the same rectangle.
     fn erase(&self, pixels: &mut [f32], size: usize, rng: &mut StdRng) {
+        // No draw at all without erasing: runs made before it existed keep their random stream,
+        // so resuming them stays exact.
         if self.erase <= 0.0 || !rng.random_bool(f64::from(self.erase.min(1.0))) {
             return;
         }

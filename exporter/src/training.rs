@@ -268,26 +268,15 @@ pub fn train(
         splits.train.len(),
         splits.val.len()
     ));
+    // A fine-tuning source that cannot serve is refused before the images are decoded.
+    let source = new
+        .init_from
+        .as_deref()
+        .map(|dir| fine_tuning_source(dir, &splits.classes))
+        .transpose()?;
     let (train_set, val_set) = load_sets(&splits, progress)?;
-    let (preset, model, preprocess, init_from) = match &new.init_from {
-        Some(source_dir) => {
-            let source: TrainingConfig = read_json(&source_dir.join(CONFIG_FILE))?;
-            if source.classes != splits.classes {
-                return Err(TrainError::run(
-                    source_dir,
-                    format!(
-                        "was trained on classes {:?}, the data has {:?}; fine-tuning needs the same",
-                        source.classes, splits.classes
-                    ),
-                ));
-            }
-            let weights = source_dir.join(BEST_WEIGHTS);
-            if !weights.is_file() {
-                return Err(TrainError::run(
-                    source_dir,
-                    "has no best weights (best.bpk) yet",
-                ));
-            }
+    let (preset, model, preprocess, init_from) = match source {
+        Some((source, weights)) => {
             let mut model = source.model;
             if let Some(dropout) = new.overrides.dropout {
                 model.dropout = dropout;
@@ -342,6 +331,29 @@ pub fn train(
         new.stop_after,
         progress,
     )
+}
+
+/// The configuration of the run in `dir` and its best weights, checked to fit data with
+/// `classes`.
+fn fine_tuning_source(
+    dir: &Path,
+    classes: &[String],
+) -> Result<(TrainingConfig, PathBuf), TrainError> {
+    let source: TrainingConfig = read_json(&dir.join(CONFIG_FILE))?;
+    if source.classes != classes {
+        return Err(TrainError::run(
+            dir,
+            format!(
+                "was trained on classes {:?}, the data has {:?}; fine-tuning needs the same",
+                source.classes, classes
+            ),
+        ));
+    }
+    let weights = dir.join(BEST_WEIGHTS);
+    if !weights.is_file() {
+        return Err(TrainError::run(dir, "has no best weights (best.bpk) yet"));
+    }
+    Ok((source, weights))
 }
 
 /// The model and preprocessing of a run started from `new.preset`: the preset with the
