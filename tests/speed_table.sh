@@ -3,8 +3,8 @@
 # runtime (`runtime bench`), onnxruntime and OpenVINO (tests/peers_bench.py) on the same ONNX, at
 # 1 and 2 threads; the ratio ours / onnxruntime; and the share of the core's f32 FMA peak each
 # reaches (the model's multiply-adds over the time, against 16 f32 multiply-adds per cycle per
-# core — two 256-bit FMA pipes, as on Zen 3 and Intel since Haswell — at the clock measured here
-# by a chain of dependent adds).
+# core — two 256-bit FMA pipes, as on Zen 3 and Intel since Haswell; a core with two AVX-512
+# pipes peaks at twice that — at the clock measured here by a chain of dependent adds).
 #
 #   tests/speed_table.sh MODEL.onnx …
 #
@@ -22,17 +22,19 @@ rounds=${ROUNDS:-3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# One add per cycle through a dependency chain gives the clock the benchmarks run at.
+# One add per cycle through a dependency chain gives the clock the benchmarks run at. The adds
+# take a register, not an immediate: a recent Xeon ran a chain of immediate adds faster than one
+# per cycle (this probe read 9.5 GHz there; with a register, 2.05).
 cat > "$work/clock.c" <<'EOF'
 #include <stdio.h>
 #include <time.h>
 int main(void) {
     struct timespec a, b;
-    long n = 1000000000L, x = 0;
+    long n = 1000000000L, x = 0, one = 1;
     clock_gettime(CLOCK_MONOTONIC, &a);
     for (long i = 0; i < n; i += 8)
-        __asm__ volatile("add $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\t"
-                         "add $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0" : "+r"(x));
+        __asm__ volatile("add %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\t"
+                         "add %1,%0\n\tadd %1,%0\n\tadd %1,%0\n\tadd %1,%0" : "+r"(x) : "r"(one));
     clock_gettime(CLOCK_MONOTONIC, &b);
     printf("%.3f\n", n / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9) / 1e9);
     return x == n ? 0 : 1;
@@ -67,7 +69,8 @@ rows, clock = defaultdict(list), float(sys.argv[2])
 for line in open(sys.argv[1]):
     r = json.loads(line)
     rows[(r["model"], r["threads"])].append(r)
-print(f"Clock measured: {clock:.2f} GHz; f32 FMA peak assumed: 16 multiply-adds per cycle per core.\n")
+print(f"Clock measured: {clock:.2f} GHz; f32 FMA peak assumed: 16 multiply-adds per cycle per core "
+      "(two 256-bit FMA pipes; twice that with two AVX-512 pipes).\n")
 print("| model | GMAC | threads | ours ms | onnxruntime ms | OpenVINO ms | ours / onnxruntime | ours % peak | onnxruntime % peak |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (model, threads), runs in rows.items():

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod data;
 pub mod dropout;
+pub mod ema;
 pub mod eval;
 pub mod export;
 pub mod fashion_mnist;

@@ -114,6 +114,10 @@ struct TrainArgs {
     seed: u64,
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999),
+    /// updated every step; the best epoch is then chosen, and saved, by the average.
+    #[arg(long, value_name = "DECAY")]
+    ema: Option<f64>,
     /// Random-resized crop + horizontal flip (default: on for colour data, off for grey).
     #[arg(long, overrides_with = "no_augment")]
     augment: bool,
@@ -293,6 +297,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 label_smoothing: args.label_smoothing,
                 seed: args.seed,
                 val_fraction: args.val_fraction,
+                ema: args.ema,
             },
             augment: match (args.augment, args.no_augment) {
                 (true, _) => Some(true),
@@ -527,6 +532,12 @@ impl Progress for BarProgress {
                 m.epoch_seconds,
                 m.learning_rate
             );
+            if let (Some(loss), Some(accuracy)) = (m.ema_val_loss, m.ema_val_accuracy) {
+                eprintln!(
+                    "  weight average: val loss {loss:.4} acc {:.2}%",
+                    accuracy * 100.0
+                );
+            }
         }
     }
 

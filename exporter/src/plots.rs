@@ -17,32 +17,81 @@ fn save_rgb(path: &Path, rgb: Vec<u8>, width: u32, height: u32) -> Result<(), St
     runtime::write_atomic(path, &png).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Train/validation accuracy (left) and loss (right) per epoch.
+/// One line of the curves plot: a metric per epoch, absent on epochs that lack it.
+struct Curve {
+    label: &'static str,
+    colour: RGBColor,
+    value: fn(&EpochMetrics) -> Option<f64>,
+}
+
+/// Train/validation accuracy (left) and loss (right) per epoch, plus the weight average's
+/// validation figures when the run kept one.
 pub fn accuracy_curves(metrics: &[EpochMetrics], path: &Path) -> Result<(), String> {
     if metrics.is_empty() {
         return Err("no finished epoch to plot".into());
     }
+    let accuracy_curves = [
+        Curve {
+            label: "train",
+            colour: BLUE,
+            value: |m| Some(m.train_accuracy * 100.0),
+        },
+        Curve {
+            label: "validation",
+            colour: RED,
+            value: |m| Some(m.val_accuracy * 100.0),
+        },
+        Curve {
+            label: "validation, weight average",
+            colour: GREEN,
+            value: |m| m.ema_val_accuracy.map(|a| a * 100.0),
+        },
+    ];
+    let loss_curves = [
+        Curve {
+            label: "train",
+            colour: BLUE,
+            value: |m| Some(m.train_loss),
+        },
+        Curve {
+            label: "validation",
+            colour: RED,
+            value: |m| Some(m.val_loss),
+        },
+        Curve {
+            label: "validation, weight average",
+            colour: GREEN,
+            value: |m| m.ema_val_loss,
+        },
+    ];
     let mut rgb = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let (left, right) = root.split_horizontally(WIDTH / 2);
         let epochs = metrics.len() as f64;
-        let series = |m: &EpochMetrics, accuracy: bool, train: bool| match (accuracy, train) {
-            (true, true) => m.train_accuracy * 100.0,
-            (true, false) => m.val_accuracy * 100.0,
-            (false, true) => m.train_loss,
-            (false, false) => m.val_loss,
-        };
-        for (area, accuracy) in [(left, true), (right, false)] {
-            let values = metrics
+        for (area, caption, curves) in [
+            (left, "accuracy (%)", &accuracy_curves),
+            (right, "loss", &loss_curves),
+        ] {
+            let lines: Vec<(&Curve, Vec<(f64, f64)>)> = curves
                 .iter()
-                .flat_map(|m| [series(m, accuracy, true), series(m, accuracy, false)]);
-            let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                (lo.min(v), hi.max(v))
-            });
+                .map(|curve| {
+                    let points = metrics
+                        .iter()
+                        .filter_map(|m| (curve.value)(m).map(|v| (m.epoch as f64, v)))
+                        .collect();
+                    (curve, points)
+                })
+                .filter(|(_, points): &(_, Vec<_>)| !points.is_empty())
+                .collect();
+            let (lo, hi) = lines
+                .iter()
+                .flat_map(|(_, points)| points.iter().map(|&(_, v)| v))
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                    (lo.min(v), hi.max(v))
+                });
             let pad = ((hi - lo) * 0.1).max(1e-3);
-            let caption = if accuracy { "accuracy (%)" } else { "loss" };
             let mut chart = ChartBuilder::on(&area)
                 .caption(caption, ("sans-serif", 20))
                 .margin(12)
@@ -55,15 +104,12 @@ pub fn accuracy_curves(metrics: &[EpochMetrics], path: &Path) -> Result<(), Stri
                 .x_desc("epoch")
                 .draw()
                 .map_err(|e| e.to_string())?;
-            for (train, colour, label) in [(true, BLUE, "train"), (false, RED, "validation")] {
-                let points: Vec<(f64, f64)> = metrics
-                    .iter()
-                    .map(|m| (m.epoch as f64, series(m, accuracy, train)))
-                    .collect();
+            for (curve, points) in lines {
+                let colour = curve.colour;
                 chart
                     .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
                     .map_err(|e| e.to_string())?
-                    .label(label)
+                    .label(curve.label)
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
                     });

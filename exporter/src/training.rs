@@ -5,7 +5,9 @@
 //! - `config.json`: the [`TrainingConfig`] (model, preprocessing, classes, recipe);
 //! - `metrics.jsonl`: one [`EpochMetrics`] line per finished epoch;
 //! - `checkpoint.json` + `model-<epoch>.bpk` + `optimizer-<epoch>.bpk`: the latest epoch;
-//! - `best.json` + `best.bpk`: the weights with the best validation accuracy so far.
+//! - `best.json` + `best.bpk`: the weights with the best validation accuracy so far;
+//! - with `--ema`, `ema-<epoch>.bpk`: the latest epoch's weight average, whose validation
+//!   accuracy then chooses `best.bpk` (which holds the average).
 //!
 //! Every file is written atomically and `checkpoint.json` last, so an interrupted run resumes
 //! from the last complete epoch.
@@ -13,6 +15,7 @@
 use crate::data::{
     Augmentation, Batcher, DataError, ImageSet, PreparedSet, Source, Splits, epoch_order,
 };
+use crate::ema::WeightAverage;
 use crate::model::{ConfigError, Preset, ViTConfig, VisionTransformer};
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
@@ -74,6 +77,9 @@ pub struct TrainingConfig {
     /// Weights the run started from (another run's best), instead of a random initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+    /// Decay of the exponential moving average of the weights, updated every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
 }
 
 /// The recipe, separate from the model and data it is applied to.
@@ -89,6 +95,9 @@ pub struct Recipe {
     pub label_smoothing: Option<f32>,
     pub seed: u64,
     pub val_fraction: f64,
+    /// Keep an exponential moving average of the weights with this decay, and choose (and
+    /// save) the best epoch by the average's validation accuracy.
+    pub ema: Option<f64>,
 }
 
 impl Default for Recipe {
@@ -105,6 +114,7 @@ impl Default for Recipe {
             label_smoothing: None,
             seed: 42,
             val_fraction: 0.2,
+            ema: None,
         }
     }
 }
@@ -203,6 +213,11 @@ pub struct EpochMetrics {
     pub val_accuracy: f64,
     pub images_per_second: f64,
     pub epoch_seconds: f64,
+    /// The weight average's validation figures, when the run keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_val_accuracy: Option<f64>,
 }
 
 /// `checkpoint.json`: which epoch the `model-<epoch>.bpk`/`optimizer-<epoch>.bpk` pair holds.
@@ -319,6 +334,7 @@ pub fn train(
         },
         backend: new.backend,
         init_from,
+        ema: recipe.ema,
     };
     validate_recipe(&config)?;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::run(run_dir, e))?;
@@ -442,6 +458,9 @@ fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {
     {
         return invalid("the erasing probability must be in [0, 1]");
     }
+    if config.ema.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
+        return invalid("the weight average's decay must be in (0, 1)");
+    }
     Ok(())
 }
 
@@ -528,6 +547,15 @@ fn run(
         model = load_weights(model, weights)?;
         progress.message(&format!("starting from {}", weights.display()));
     }
+    let mut average = match (config.ema, &checkpoint) {
+        (None, _) => None,
+        (Some(decay), None) => Some(WeightAverage::new(model.valid(), decay)),
+        (Some(decay), Some(checkpoint)) => {
+            let path = run_dir.join(format!("ema-{}.bpk", checkpoint.epoch));
+            let saved = load_weights(config.model.init(&device)?, &path)?;
+            Some(WeightAverage::new(saved, decay))
+        }
+    };
 
     let prepared_train = match config.augmentation {
         None => Some(PreparedSet::new(&train_set, &config.preprocess)?),
@@ -587,6 +615,9 @@ fn run(
                 clip_global_norm(&model, &mut grads, max_norm);
             }
             model = optimizer.step(lr, model, grads);
+            if let Some(average) = &mut average {
+                average.update(&model.valid());
+            }
             step += 1;
             loss_sum += loss_value * indices.len() as f64;
             correct += batch_correct;
@@ -599,7 +630,12 @@ fn run(
             );
         }
         let epoch_seconds = started.elapsed().as_secs_f64();
-        let evaluation = evaluate(&model.valid(), &val, config.batch_size.max(64), &device)?;
+        let eval_batch = config.batch_size.max(64);
+        let evaluation = evaluate(&model.valid(), &val, eval_batch, &device)?;
+        let average_evaluation = average
+            .as_ref()
+            .map(|average| evaluate(average.model(), &val, eval_batch, &device))
+            .transpose()?;
         let epoch_metrics = EpochMetrics {
             epoch: epoch + 1,
             step,
@@ -610,17 +646,20 @@ fn run(
             val_accuracy: evaluation.accuracy,
             images_per_second: seen as f64 / epoch_seconds,
             epoch_seconds,
+            ema_val_loss: average_evaluation.as_ref().map(|e| e.loss),
+            ema_val_accuracy: average_evaluation.as_ref().map(|e| e.accuracy),
         };
         metrics.push(epoch_metrics.clone());
-        let improved = evaluation.accuracy > best_accuracy;
-        best_accuracy = best_accuracy.max(evaluation.accuracy);
+        let selected = average_evaluation.as_ref().unwrap_or(&evaluation);
+        let improved = selected.accuracy > best_accuracy;
+        best_accuracy = best_accuracy.max(selected.accuracy);
         save_epoch(
             run_dir,
             &model,
             &optimizer,
+            average.as_ref().map(WeightAverage::model),
             &metrics,
-            improved,
-            &evaluation,
+            improved.then_some(selected),
             step,
             best_accuracy,
         )?;
@@ -650,14 +689,18 @@ fn save_epoch(
     run_dir: &Path,
     model: &VisionTransformer,
     optimizer: &ModuleOptimizer,
+    average: Option<&VisionTransformer>,
     metrics: &[EpochMetrics],
-    improved: bool,
-    evaluation: &Evaluation,
+    new_best: Option<&Evaluation>,
     step: usize,
     best_val_accuracy: f64,
 ) -> Result<(), TrainError> {
     let epoch = metrics.len();
     let weights = model_bytes(model)?;
+    let average_weights = average.map(model_bytes).transpose()?;
+    if let Some(bytes) = &average_weights {
+        write_bytes(&run_dir.join(format!("ema-{epoch}.bpk")), bytes)?;
+    }
     let optimizer_bytes = optimizer
         .into_bytes()
         .map_err(|e| TrainError::run(run_dir, e))?;
@@ -672,8 +715,11 @@ fn save_epoch(
         lines.push('\n');
     }
     write_bytes(&run_dir.join(METRICS_FILE), lines.as_bytes())?;
-    if improved {
-        write_bytes(&run_dir.join(BEST_WEIGHTS), &weights)?;
+    if let Some(evaluation) = new_best {
+        write_bytes(
+            &run_dir.join(BEST_WEIGHTS),
+            average_weights.as_ref().unwrap_or(&weights),
+        )?;
         let best = BestCheckpoint {
             epoch,
             val_accuracy: evaluation.accuracy,
@@ -694,6 +740,7 @@ fn save_epoch(
         for name in [
             format!("model-{}.bpk", epoch - 1),
             format!("optimizer-{}.bpk", epoch - 1),
+            format!("ema-{}.bpk", epoch - 1),
         ] {
             let _ = std::fs::remove_file(run_dir.join(name));
         }

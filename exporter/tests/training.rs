@@ -124,6 +124,57 @@ fn resume_continues_the_step_count_and_the_loss() {
 }
 
 #[test]
+fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let with_average = || {
+        let mut run = new_run(&data, 3);
+        run.recipe.ema = Some(0.9);
+        run
+    };
+    let straight = training::train(with_average(), &dir.path().join("straight"), &mut ()).unwrap();
+    for epoch in &straight.epochs {
+        let average_loss = epoch
+            .ema_val_loss
+            .expect("the average is validated every epoch");
+        assert!(
+            (average_loss - epoch.val_loss).abs() > 1e-6,
+            "epoch {}: the average scores exactly as the trained weights",
+            epoch.epoch
+        );
+    }
+    let best_average = straight
+        .epochs
+        .iter()
+        .filter_map(|m| m.ema_val_accuracy)
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(straight.best.unwrap().val_accuracy, best_average);
+
+    let run = dir.path().join("resumed");
+    let first = training::train(
+        NewRun {
+            stop_after: Some(1),
+            ..with_average()
+        },
+        &run,
+        &mut (),
+    )
+    .unwrap();
+    assert_eq!(first.epochs.len(), 1);
+    assert!(run.join("ema-1.bpk").is_file());
+    let resumed = training::resume(&run, None, None, &mut ()).unwrap();
+    for (a, b) in resumed.epochs.iter().zip(&straight.epochs) {
+        let (a_loss, b_loss) = (a.ema_val_loss.unwrap(), b.ema_val_loss.unwrap());
+        assert!(
+            (a_loss - b_loss).abs() < 1e-5,
+            "resumed epoch {}: the average's loss {a_loss} vs {b_loss}",
+            a.epoch
+        );
+    }
+    assert!(run.join("ema-3.bpk").is_file() && !run.join("ema-2.bpk").exists());
+}
+
+#[test]
 fn fine_tuning_starts_from_the_source_runs_best_weights() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
