@@ -20,7 +20,7 @@ pub enum DataError {
         train: Vec<String>,
         val: Vec<String>,
     },
-    #[error("validation fraction {0} is not in (0, 1)")]
+    #[error("validation fraction {0} is not in [0, 1)")]
     BadFraction(f64),
     #[error("no readable images in {0}")]
     Empty(String),
@@ -38,7 +38,8 @@ pub struct Splits {
 
 impl Splits {
     /// `ROOT/train` + `ROOT/val` (or `validation`) when both exist; otherwise a stratified
-    /// split of `ROOT/<class>` keeping `val_fraction` of each class, fixed by `seed`.
+    /// split of `ROOT/<class>` keeping `val_fraction` of each class, fixed by `seed`. A fraction
+    /// of 0 puts every image in training and leaves validation empty.
     pub fn from_folder(root: &Path, val_fraction: f64, seed: u64) -> Result<Self, DataError> {
         let train_dir = root.join("train");
         let val_dir = ["val", "validation"]
@@ -60,7 +61,7 @@ impl Splits {
                 val: val.items,
             });
         }
-        if !(val_fraction > 0.0 && val_fraction < 1.0) {
+        if !(0.0..1.0).contains(&val_fraction) {
             return Err(DataError::BadFraction(val_fraction));
         }
         let folder = ImageFolder::scan(root)?;
@@ -74,8 +75,10 @@ impl Splits {
                 .cloned()
                 .collect();
             items.shuffle(&mut rng);
-            // Every class with two or more images gets at least one validation image.
+            // Every class with two or more images gets at least one validation image, unless
+            // there is to be no validation at all.
             let n_val = match items.len() {
+                _ if val_fraction == 0.0 => 0,
                 0 | 1 => 0,
                 n => ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1),
             };

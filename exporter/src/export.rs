@@ -165,8 +165,8 @@ fn metadata_for(config: &TrainingConfig, best: Option<&BestCheckpoint>) -> Vec<(
             format!("exporter {}", env!("CARGO_PKG_VERSION")),
         ),
     ];
-    if let Some(best) = best {
-        entries.push((metadata::VAL_ACCURACY, format!("{:.6}", best.val_accuracy)));
+    if let Some((best, accuracy)) = best.and_then(|b| Some((b, b.val_accuracy?))) {
+        entries.push((metadata::VAL_ACCURACY, format!("{accuracy:.6}")));
         entries.push((metadata::VAL_EPOCH, best.epoch.to_string()));
     }
     entries
@@ -534,7 +534,8 @@ pub fn op_histogram(graph: &runtime::tract_onnx::pb::GraphProto) -> BTreeMap<Str
     histogram
 }
 
-/// Up to 4 preprocessed validation images of the run's data (or of `data`).
+/// Up to 4 preprocessed validation images (training images for a run without validation) of the
+/// run's data (or of `data`).
 fn verification_images(
     config: &TrainingConfig,
     data: Option<&Path>,
@@ -543,10 +544,14 @@ fn verification_images(
     let no_images = |why: String| ExportError::NoImages(why);
     let splits = Splits::from_folder(root, config.val_fraction, config.seed)
         .map_err(|e| no_images(format!("{}: {e}", root.display())))?;
-    let set = ImageSet::load(&splits.val[..splits.val.len().min(4)], &|_| {});
+    let items = match splits.val.is_empty() {
+        true => &splits.train,
+        false => &splits.val,
+    };
+    let set = ImageSet::load(&items[..items.len().min(4)], &|_| {});
     if set.is_empty() {
         return Err(no_images(format!(
-            "{} has no readable validation images",
+            "{} has no readable images",
             root.display()
         )));
     }

@@ -112,6 +112,8 @@ struct TrainArgs {
     label_smoothing: Option<f32>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Share of each class held out for validation; 0 trains on every image, without
+    /// validation, and the last epoch's weights are the run's result.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.999),
@@ -321,13 +323,21 @@ fn train(args: TrainArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        let best = summary.best.as_ref();
+        let result = match summary.best.as_ref() {
+            Some(best) => match best.val_accuracy {
+                Some(accuracy) => format!(
+                    "best validation accuracy {:.2}% (epoch {})",
+                    accuracy * 100.0,
+                    best.epoch
+                ),
+                None => format!("no validation; the result is epoch {}", best.epoch),
+            },
+            None => "no epoch finished".into(),
+        };
         println!(
-            "done: {} epochs, {} steps; best validation accuracy {:.2}% (epoch {}); run in {}",
+            "done: {} epochs, {} steps; {result}; run in {}",
             summary.epochs.len(),
             summary.steps,
-            best.map_or(0.0, |b| b.val_accuracy * 100.0),
-            best.map_or(0, |b| b.epoch),
             summary.run_dir.display()
         );
         if summary.skipped_images > 0 {
@@ -520,14 +530,18 @@ impl Progress for BarProgress {
             bar.finish_and_clear();
         }
         if self.visible {
+            let validation = match (m.val_loss, m.val_accuracy) {
+                (Some(loss), Some(accuracy)) => {
+                    format!("val loss {loss:.4} acc {:.2}%", accuracy * 100.0)
+                }
+                _ => "no validation".into(),
+            };
             eprintln!(
-                "epoch {}/{}: train loss {:.4} acc {:.2}% | val loss {:.4} acc {:.2}% | {:.0} img/s, {:.1}s, lr {:.2e}",
+                "epoch {}/{}: train loss {:.4} acc {:.2}% | {validation} | {:.0} img/s, {:.1}s, lr {:.2e}",
                 m.epoch,
                 self.epochs,
                 m.train_loss,
                 m.train_accuracy * 100.0,
-                m.val_loss,
-                m.val_accuracy * 100.0,
                 m.images_per_second,
                 m.epoch_seconds,
                 m.learning_rate

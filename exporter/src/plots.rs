@@ -39,7 +39,7 @@ pub fn accuracy_curves(metrics: &[EpochMetrics], path: &Path) -> Result<(), Stri
         Curve {
             label: "validation",
             colour: RED,
-            value: |m| Some(m.val_accuracy * 100.0),
+            value: |m| m.val_accuracy.map(|a| a * 100.0),
         },
         Curve {
             label: "validation, weight average",
@@ -56,7 +56,7 @@ pub fn accuracy_curves(metrics: &[EpochMetrics], path: &Path) -> Result<(), Stri
         Curve {
             label: "validation",
             colour: RED,
-            value: |m| Some(m.val_loss),
+            value: |m| m.val_loss,
         },
         Curve {
             label: "validation, weight average",

@@ -5,7 +5,8 @@
 //! - `config.json`: the [`TrainingConfig`] (model, preprocessing, classes, recipe);
 //! - `metrics.jsonl`: one [`EpochMetrics`] line per finished epoch;
 //! - `checkpoint.json` + `model-<epoch>.bpk` + `optimizer-<epoch>.bpk`: the latest epoch;
-//! - `best.json` + `best.bpk`: the weights with the best validation accuracy so far;
+//! - `best.json` + `best.bpk`: the weights with the best validation accuracy so far (without a
+//!   validation split, `--val-fraction 0`: the latest epoch's, the run's result);
 //! - with `--ema`, `ema-<epoch>.bpk`: the latest epoch's weight average, whose validation
 //!   accuracy then chooses `best.bpk` (which holds the average).
 //!
@@ -209,8 +210,11 @@ pub struct EpochMetrics {
     pub learning_rate: f64,
     pub train_loss: f64,
     pub train_accuracy: f64,
-    pub val_loss: f64,
-    pub val_accuracy: f64,
+    /// Absent when the run trains on every image, without validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
     pub images_per_second: f64,
     pub epoch_seconds: f64,
     /// The weight average's validation figures, when the run keeps one.
@@ -225,15 +229,19 @@ pub struct EpochMetrics {
 pub struct Checkpoint {
     pub epoch: usize,
     pub step: usize,
-    pub best_val_accuracy: f64,
+    #[serde(default)]
+    pub best_val_accuracy: Option<f64>,
 }
 
 /// `best.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BestCheckpoint {
     pub epoch: usize,
-    pub val_accuracy: f64,
-    pub val_loss: f64,
+    /// Absent without validation, where the latest epoch is the best by definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
 }
 
 /// What a finished (or resumed-and-finished) run reports.
@@ -480,7 +488,8 @@ fn load_sets(
     if train.is_empty() {
         return Err(DataError::Empty("the training split".into()).into());
     }
-    if val.is_empty() {
+    // An empty validation split is allowed only when asked for (`--val-fraction 0`).
+    if val.is_empty() && !splits.val.is_empty() {
         return Err(DataError::Empty("the validation split".into()).into());
     }
     Ok((train, val))
@@ -520,7 +529,7 @@ fn run(
         .with_weight_decay(config.weight_decay as f32)
         .init();
     let mut metrics: Vec<EpochMetrics> = Vec::new();
-    let (mut start_epoch, mut step, mut best_accuracy) = (0, 0, f64::NEG_INFINITY);
+    let (mut start_epoch, mut step, mut best_accuracy) = (0, 0, None);
     if let Some(checkpoint) = &checkpoint {
         model = load_weights(
             model,
@@ -569,7 +578,10 @@ fn run(
         },
         (None, None) => unreachable!("a prepared set exists whenever augmentation is off"),
     };
-    let val = PreparedSet::new(&val_set, &config.preprocess)?;
+    let val = match val_set.is_empty() {
+        true => None,
+        false => Some(PreparedSet::new(&val_set, &config.preprocess)?),
+    };
     let mut batcher = Batcher::new(&config.preprocess)?;
     let loss_fn = CrossEntropyLossConfig::new()
         .with_smoothing(config.label_smoothing)
@@ -631,35 +643,50 @@ fn run(
         }
         let epoch_seconds = started.elapsed().as_secs_f64();
         let eval_batch = config.batch_size.max(64);
-        let evaluation = evaluate(&model.valid(), &val, eval_batch, &device)?;
-        let average_evaluation = average
-            .as_ref()
-            .map(|average| evaluate(average.model(), &val, eval_batch, &device))
-            .transpose()?;
+        let validate = |model: &VisionTransformer| {
+            val.as_ref()
+                .map(|val| evaluate(model, val, eval_batch, &device))
+                .transpose()
+        };
+        let evaluation = validate(&model.valid())?;
+        let average_evaluation = match &average {
+            Some(average) => validate(average.model())?,
+            None => None,
+        };
         let epoch_metrics = EpochMetrics {
             epoch: epoch + 1,
             step,
             learning_rate: lr,
             train_loss: loss_sum / seen as f64,
             train_accuracy: correct as f64 / seen as f64,
-            val_loss: evaluation.loss,
-            val_accuracy: evaluation.accuracy,
+            val_loss: evaluation.as_ref().map(|e| e.loss),
+            val_accuracy: evaluation.as_ref().map(|e| e.accuracy),
             images_per_second: seen as f64 / epoch_seconds,
             epoch_seconds,
             ema_val_loss: average_evaluation.as_ref().map(|e| e.loss),
             ema_val_accuracy: average_evaluation.as_ref().map(|e| e.accuracy),
         };
         metrics.push(epoch_metrics.clone());
-        let selected = average_evaluation.as_ref().unwrap_or(&evaluation);
-        let improved = selected.accuracy > best_accuracy;
-        best_accuracy = best_accuracy.max(selected.accuracy);
+        let selected = average_evaluation.as_ref().or(evaluation.as_ref());
+        let new_best = match selected {
+            Some(s) => best_accuracy.is_none_or(|best| s.accuracy > best),
+            None => true,
+        };
+        if new_best {
+            best_accuracy = selected.map(|s| s.accuracy);
+        }
+        let best = new_best.then(|| BestCheckpoint {
+            epoch: epoch + 1,
+            val_accuracy: selected.map(|s| s.accuracy),
+            val_loss: selected.map(|s| s.loss),
+        });
         save_epoch(
             run_dir,
             &model,
             &optimizer,
             average.as_ref().map(WeightAverage::model),
             &metrics,
-            improved.then_some(selected),
+            best,
             step,
             best_accuracy,
         )?;
@@ -691,9 +718,9 @@ fn save_epoch(
     optimizer: &ModuleOptimizer,
     average: Option<&VisionTransformer>,
     metrics: &[EpochMetrics],
-    new_best: Option<&Evaluation>,
+    new_best: Option<BestCheckpoint>,
     step: usize,
-    best_val_accuracy: f64,
+    best_val_accuracy: Option<f64>,
 ) -> Result<(), TrainError> {
     let epoch = metrics.len();
     let weights = model_bytes(model)?;
@@ -715,16 +742,11 @@ fn save_epoch(
         lines.push('\n');
     }
     write_bytes(&run_dir.join(METRICS_FILE), lines.as_bytes())?;
-    if let Some(evaluation) = new_best {
+    if let Some(best) = new_best {
         write_bytes(
             &run_dir.join(BEST_WEIGHTS),
             average_weights.as_ref().unwrap_or(&weights),
         )?;
-        let best = BestCheckpoint {
-            epoch,
-            val_accuracy: evaluation.accuracy,
-            val_loss: evaluation.loss,
-        };
         write_json(&run_dir.join(BEST_FILE), &best)?;
     }
     write_json(

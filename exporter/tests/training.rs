@@ -51,8 +51,8 @@ fn tiny_model_learns_and_beats_chance() {
     );
     let best = summary.best.expect("a best checkpoint");
     assert!(
-        best.val_accuracy > 0.8,
-        "validation accuracy {} is near chance (0.33)",
+        best.val_accuracy.unwrap() > 0.8,
+        "validation accuracy {:?} is near chance (0.33)",
         best.val_accuracy
     );
     for file in [
@@ -111,7 +111,8 @@ fn resume_continues_the_step_count_and_the_loss() {
     );
     for (a, b) in resumed.epochs.iter().zip(&straight.epochs) {
         assert!(
-            (a.train_loss - b.train_loss).abs() < 1e-5 && (a.val_loss - b.val_loss).abs() < 1e-5,
+            (a.train_loss - b.train_loss).abs() < 1e-5
+                && (a.val_loss.unwrap() - b.val_loss.unwrap()).abs() < 1e-5,
             "resumed epoch {} differs: {} vs {}",
             a.epoch,
             a.train_loss,
@@ -138,7 +139,7 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
             .ema_val_loss
             .expect("the average is validated every epoch");
         assert!(
-            (average_loss - epoch.val_loss).abs() > 1e-6,
+            (average_loss - epoch.val_loss.unwrap()).abs() > 1e-6,
             "epoch {}: the average scores exactly as the trained weights",
             epoch.epoch
         );
@@ -148,7 +149,7 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
         .iter()
         .filter_map(|m| m.ema_val_accuracy)
         .fold(f64::NEG_INFINITY, f64::max);
-    assert_eq!(straight.best.unwrap().val_accuracy, best_average);
+    assert_eq!(straight.best.unwrap().val_accuracy, Some(best_average));
 
     let run = dir.path().join("resumed");
     let first = training::train(
@@ -172,6 +173,46 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
         );
     }
     assert!(run.join("ema-3.bpk").is_file() && !run.join("ema-2.bpk").exists());
+}
+
+#[test]
+fn a_zero_validation_fraction_trains_on_every_image_and_keeps_the_last_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let run = dir.path().join("run");
+    let mut everything = new_run(&data, 2);
+    everything.recipe.val_fraction = 0.0;
+    everything.recipe.ema = Some(0.9);
+    everything.stop_after = Some(1);
+    training::train(everything, &run, &mut ()).unwrap();
+    let summary = training::resume(&run, None, None, &mut ()).unwrap();
+    assert_eq!((summary.train_images, summary.val_images), (90, 0));
+    assert!(
+        summary.epochs.iter().all(|m| m.val_accuracy.is_none()
+            && m.val_loss.is_none()
+            && m.ema_val_accuracy.is_none())
+    );
+    let best = summary.best.unwrap();
+    assert_eq!((best.epoch, best.val_accuracy), (2, None));
+    // The result is the last epoch's weight average, byte for byte.
+    assert_eq!(
+        std::fs::read(run.join("best.bpk")).unwrap(),
+        std::fs::read(run.join("ema-2.bpk")).unwrap()
+    );
+    assert!(run.join("curves.png").is_file());
+
+    // It exports, verified on training images, without a validation accuracy in its metadata.
+    let onnx = dir.path().join("model.onnx");
+    exporter::export::export(&run, &onnx, &Default::default()).unwrap();
+    let metadata = exporter::export::inspect(&onnx).unwrap().metadata;
+    assert!(metadata.contains_key(runtime::metadata::LABELS));
+    assert!(!metadata.contains_key(runtime::metadata::VAL_ACCURACY));
+
+    // A fraction of 1 (or more) would leave nothing to train on.
+    let mut nothing = new_run(&data, 1);
+    nothing.recipe.val_fraction = 1.0;
+    let refused = training::train(nothing, &dir.path().join("none"), &mut ());
+    assert!(refused.unwrap_err().to_string().contains("[0, 1)"));
 }
 
 #[test]
@@ -202,12 +243,10 @@ fn fine_tuning_starts_from_the_source_runs_best_weights() {
         &mut (),
     )
     .unwrap();
-    let epoch = &tuned.epochs[0];
+    let (tuned_loss, best_loss) = (tuned.epochs[0].val_loss.unwrap(), best.val_loss.unwrap());
     assert!(
-        (epoch.val_loss - best.val_loss).abs() < 1e-4,
-        "fine-tuned validation loss {} vs the source's best {}",
-        epoch.val_loss,
-        best.val_loss
+        (tuned_loss - best_loss).abs() < 1e-4,
+        "fine-tuned validation loss {tuned_loss} vs the source's best {best_loss}"
     );
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("tuned/config.json")).unwrap(),
