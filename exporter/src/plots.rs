@@ -8,6 +8,7 @@ use std::path::Path;
 
 const WIDTH: u32 = 960;
 const HEIGHT: u32 = 480;
+const DARK_GREEN: RGBColor = RGBColor(0, 150, 0);
 
 fn save_rgb(path: &Path, rgb: Vec<u8>, width: u32, height: u32) -> Result<(), String> {
     let mut png = Vec::new();
@@ -43,7 +44,7 @@ pub fn accuracy_curves(metrics: &[EpochMetrics], path: &Path) -> Result<(), Stri
         },
         Curve {
             label: "validation, weight average",
-            colour: GREEN,
+            colour: DARK_GREEN,
             value: |m| m.ema_val_accuracy.map(|a| a * 100.0),
         },
     ];
@@ -60,7 +61,7 @@ pub fn accuracy_curves(metrics: &[EpochMetrics], path: &Path) -> Result<(), Stri
         },
         Curve {
             label: "validation, weight average",
-            colour: GREEN,
+            colour: DARK_GREEN,
             value: |m| m.ema_val_loss,
         },
     ];
