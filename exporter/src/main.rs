@@ -57,8 +57,17 @@ struct TrainArgs {
     /// Run folder to create.
     #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
     out: Option<PathBuf>,
-    /// Continue the run in this folder from its last complete epoch.
-    #[arg(long, value_name = "RUN_DIR")]
+    /// Continue the run in this folder from its last complete epoch, with the data, model and
+    /// recipe in its config.json (only --epochs, --stop-after and --json apply).
+    #[arg(
+        long,
+        value_name = "RUN_DIR",
+        conflicts_with_all = ["data", "preset", "image_size", "patch_size", "dim", "depth",
+            "heads", "mlp_dim", "dropout", "batch_size", "lr", "min_lr", "weight_decay",
+            "warmup_epochs", "grad_clip", "no_grad_clip", "label_smoothing", "seed",
+            "val_fraction", "ema", "augment", "no_augment", "crop_min_area", "erase", "channels",
+            "mean", "std", "resize", "backend"]
+    )]
     resume: Option<PathBuf>,
     /// Fine-tune: a new run that starts from this run's best weights, with its architecture,
     /// preprocessing and classes, and a fresh optimizer and schedule (the recipe flags below).
@@ -558,6 +567,29 @@ impl Progress for BarProgress {
     fn message(&mut self, text: &str) {
         if self.visible {
             eprintln!("{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_refuses_flags_it_would_ignore() {
+        let parse = |extra: &[&str]| {
+            let args = ["exporter", "train", "--resume", "runs/x"];
+            Cli::try_parse_from(args.iter().chain(extra))
+        };
+        assert!(parse(&["--epochs", "12", "--stop-after", "2", "--json"]).is_ok());
+        for flag in [
+            &["--lr", "0.1"][..],
+            &["--ema", "0.999"],
+            &["--data", "d"],
+            &["--erase", "0.5"],
+        ] {
+            let error = parse(flag).err().expect("refused").to_string();
+            assert!(error.contains("cannot be used with"), "{flag:?}: {error}");
         }
     }
 }
