@@ -165,7 +165,9 @@ fn metadata_for(config: &TrainingConfig, best: Option<&BestCheckpoint>) -> Vec<(
             format!("exporter {}", env!("CARGO_PKG_VERSION")),
         ),
     ];
-    if let Some((best, accuracy)) = best.and_then(|b| Some((b, b.val_accuracy?))) {
+    if let Some(best) = best
+        && let Some(accuracy) = best.val_accuracy
+    {
         entries.push((metadata::VAL_ACCURACY, format!("{accuracy:.6}")));
         entries.push((metadata::VAL_EPOCH, best.epoch.to_string()));
     }

@@ -539,12 +539,8 @@ impl Progress for BarProgress {
             bar.finish_and_clear();
         }
         if self.visible {
-            let validation = match (m.val_loss, m.val_accuracy) {
-                (Some(loss), Some(accuracy)) => {
-                    format!("val loss {loss:.4} acc {:.2}%", accuracy * 100.0)
-                }
-                _ => "no validation".into(),
-            };
+            let validation = validation_text(m.val_loss, m.val_accuracy)
+                .unwrap_or_else(|| "no validation".into());
             eprintln!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | {validation} | {:.0} img/s, {:.1}s, lr {:.2e}",
                 m.epoch,
@@ -555,11 +551,8 @@ impl Progress for BarProgress {
                 m.epoch_seconds,
                 m.learning_rate
             );
-            if let (Some(loss), Some(accuracy)) = (m.ema_val_loss, m.ema_val_accuracy) {
-                eprintln!(
-                    "  weight average: val loss {loss:.4} acc {:.2}%",
-                    accuracy * 100.0
-                );
+            if let Some(average) = validation_text(m.ema_val_loss, m.ema_val_accuracy) {
+                eprintln!("  weight average: {average}");
             }
         }
     }
@@ -569,6 +562,15 @@ impl Progress for BarProgress {
             eprintln!("{text}");
         }
     }
+}
+
+/// `val loss … acc …%`, for an epoch's validation figures when it has them.
+fn validation_text(loss: Option<f64>, accuracy: Option<f64>) -> Option<String> {
+    Some(format!(
+        "val loss {:.4} acc {:.2}%",
+        loss?,
+        accuracy? * 100.0
+    ))
 }
 
 #[cfg(test)]

@@ -34,6 +34,15 @@ fn train(data: &Path, run: &Path, epochs: usize) -> TrainSummary {
     training::train(new_run(data, epochs), run, &mut ()).unwrap()
 }
 
+/// The first epoch of `new`'s schedule, as a call interrupted there leaves it for `resume`.
+fn train_first_epoch(new: NewRun, run: &Path) -> TrainSummary {
+    let first = NewRun {
+        stop_after: Some(1),
+        ..new
+    };
+    training::train(first, run, &mut ()).unwrap()
+}
+
 #[test]
 fn tiny_model_learns_and_beats_chance() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,15 +101,7 @@ fn resume_continues_the_step_count_and_the_loss() {
 
     // The same 3-epoch schedule, interrupted after epoch 1 and resumed in a new call.
     let run = dir.path().join("resumed");
-    let first = training::train(
-        NewRun {
-            stop_after: Some(1),
-            ..with_dropout()
-        },
-        &run,
-        &mut (),
-    )
-    .unwrap();
+    let first = train_first_epoch(with_dropout(), &run);
     assert_eq!((first.steps, first.epochs.len()), (18, 1));
     let resumed = training::resume(&run, None, None, &mut ()).unwrap();
     assert_eq!(resumed.steps, straight.steps);
@@ -152,15 +153,7 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
     assert_eq!(straight.best.unwrap().val_accuracy, Some(best_average));
 
     let run = dir.path().join("resumed");
-    let first = training::train(
-        NewRun {
-            stop_after: Some(1),
-            ..with_average()
-        },
-        &run,
-        &mut (),
-    )
-    .unwrap();
+    let first = train_first_epoch(with_average(), &run);
     assert_eq!(first.epochs.len(), 1);
     assert!(run.join("ema-1.bpk").is_file());
     let resumed = training::resume(&run, None, None, &mut ()).unwrap();
@@ -183,8 +176,7 @@ fn a_zero_validation_fraction_trains_on_every_image_and_keeps_the_last_epoch() {
     let mut everything = new_run(&data, 2);
     everything.recipe.val_fraction = 0.0;
     everything.recipe.ema = Some(0.9);
-    everything.stop_after = Some(1);
-    training::train(everything, &run, &mut ()).unwrap();
+    train_first_epoch(everything, &run);
     let summary = training::resume(&run, None, None, &mut ()).unwrap();
     assert_eq!((summary.train_images, summary.val_images), (90, 0));
     assert!(
