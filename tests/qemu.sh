@@ -62,8 +62,9 @@ kernels() { # precision, then the command that runs the binary
     shift
     "$@" info --json --precision "$precision" | python3 -c '
 import json, sys
-tract = json.load(sys.stdin)["tract"]
-print("  kernels:", ", ".join(f"{k} x{n}" for k, n in tract["matmul_kernels"].items()))'
+info = json.load(sys.stdin)
+print("  kernels:", ", ".join(f"{k} x{n}" for k, n in info["tract"]["matmul_kernels"].items()),
+      "| own:", ", ".join(f"{op} {isa}" for op, isa in info["operator_kernels"].items()))'
 }
 
 check() { # name, then the command that runs the binary
@@ -86,6 +87,10 @@ cross_build() { # rust target triple; prints the binary's path
 for arch in "${archs[@]}"; do
     case $arch in
     aarch64)
+        # The operators' kernel tests (NEON against the portable reference) on the emulated CPU.
+        cargo test --quiet --profile "$profile" -p runtime --lib --target aarch64-unknown-linux-gnu \
+            ops:: > "$work/ops-tests.txt" 2>&1 || { cat "$work/ops-tests.txt"; exit 1; }
+        echo "aarch64 operator tests: $(grep '^test result' "$work/ops-tests.txt")"
         bin=$(cross_build aarch64-unknown-linux-gnu)
         qemu="qemu-aarch64 -L /usr/aarch64-linux-gnu"
         # Pi 3 / Zero 2 (A53, tract's tuned kernels), Pi 4 (A72), Pi 5 (A76). tract has no A76

@@ -2,9 +2,13 @@
 # The README's speed table, measured in one sitting: for each model, median inference ms of this
 # runtime (`runtime bench`), onnxruntime and OpenVINO (tests/peers_bench.py) on the same ONNX, at
 # 1 and 2 threads; the ratio ours / onnxruntime; and the share of the core's f32 FMA peak each
-# reaches (the model's multiply-adds over the time, against 16 f32 multiply-adds per cycle per
-# core — two 256-bit FMA pipes, as on Zen 3 and Intel since Haswell; a core with two AVX-512
-# pipes peaks at twice that — at the clock measured here by a chain of dependent adds).
+# reaches (the model's multiply-adds over the time, against the f32 multiply-adds per cycle per
+# core of the vector width our dense kernel runs, at the clock measured here by a chain of
+# dependent adds). The width comes from `runtime info --json`: AVX2 kernels have two 256-bit
+# FMA pipes (16 multiply-adds a cycle, Zen 3 and Intel since Haswell), AVX-512 ones on an Intel
+# Xeon two 512-bit pipes (32); Zen 4 runs AVX-512 on its two 256-bit pipes (16). PEAK= (f32
+# multiply-adds per cycle per core) overrides the guess. RUNTIME_ISA=avx2 (or portable)
+# measures our lower kernels on the same host.
 #
 #   tests/speed_table.sh MODEL.onnx …
 #
@@ -61,16 +65,25 @@ for model in "$@"; do
   done
 done > "$work/runs.jsonl"
 clock=$(for _ in 1 2 3; do "$work/clock"; done | sort -n | sed -n 2p)
+kernel=$("$runtime" info --model "$1" --json |
+  python3 -c 'import json, sys; print(json.load(sys.stdin).get("operator_kernels", {}).get("DenseLinear", "tract"))')
+if [ -z "${PEAK:-}" ]; then
+  case "$kernel" in
+    avx512) if grep -q GenuineIntel /proc/cpuinfo; then PEAK=32; else PEAK=16; fi ;;
+    neon) PEAK=8 ;;
+    *) PEAK=16 ;;
+  esac
+fi
 
-python3 - "$work/runs.jsonl" "$clock" <<'EOF'
+python3 - "$work/runs.jsonl" "$clock" "$PEAK" "$kernel" <<'EOF'
 import json, statistics, sys
 from collections import defaultdict
-rows, clock = defaultdict(list), float(sys.argv[2])
+rows, clock, per_cycle, kernel = defaultdict(list), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 for line in open(sys.argv[1]):
     r = json.loads(line)
     rows[(r["model"], r["threads"])].append(r)
-print(f"Clock measured: {clock:.2f} GHz; f32 FMA peak assumed: 16 multiply-adds per cycle per core "
-      "(two 256-bit FMA pipes; twice that with two AVX-512 pipes).\n")
+print(f"Clock measured: {clock:.2f} GHz; our dense kernel: {kernel}; f32 FMA peak assumed: "
+      f"{per_cycle} multiply-adds per cycle per core.\n")
 print("| model | GMAC | threads | ours ms | onnxruntime ms | OpenVINO ms | ours / onnxruntime | ours % peak | onnxruntime % peak |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (model, threads), runs in rows.items():
@@ -80,7 +93,7 @@ for (model, threads), runs in rows.items():
     ov = [r["peers"]["openvino"].get("median_ms") for r in runs]
     ov = f"{median(ov):.2f}" if None not in ov else "–"
     macs = runs[0]["peers"]["macs"]
-    peak = 16 * clock * 1e9 * threads
+    peak = per_cycle * clock * 1e9 * threads
     share = lambda ms: f"{100 * macs / (ms / 1e3) / peak:.0f} %"
     print(f"| {model} | {macs / 1e9:.3f} | {threads} | {ours:.2f} | {ort:.2f} | {ov} | {ours / ort:.2f} | {share(ours)} | {share(ort)} |")
 first = next(iter(rows.values()))[0]["peers"]

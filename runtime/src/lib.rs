@@ -28,26 +28,22 @@
 //! C and C++ programs use the same classifier through [`ffi`] and `include/vit_runtime.h`.
 
 pub mod atomic_file;
-pub mod attention;
 pub mod classifier;
 pub mod dataset;
 pub mod decode;
-pub mod dense;
 pub mod embedded;
 pub mod evaluation;
 pub mod explain;
 pub mod ffi;
 pub mod frame_source;
 pub mod latency;
-pub mod layer_norm;
 pub mod metadata;
 pub mod model;
+pub mod ops;
 pub mod overlay;
 pub mod precision;
 pub mod preprocess;
 pub mod quantize;
-mod rows;
-pub mod softmax;
 pub mod stream;
 pub mod threads;
 pub mod yuv;
@@ -56,6 +52,7 @@ pub use atomic_file::{write_atomic, write_atomic_with};
 pub use classifier::{Classifier, ClassifyError, FrameTimings, MAX_TOP_K, Prediction, TopK};
 pub use decode::{DecodeError, DecodedImage, decode_bytes, decode_file};
 pub use model::{Model, ModelError, ModelOptions};
+pub use ops::Isa;
 pub use precision::Precision;
 pub use preprocess::{
     FrameRef, PatchPipeline, PixelFormat, PreprocessConfig, PreprocessError, Region, ResizeMode,

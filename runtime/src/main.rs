@@ -232,6 +232,12 @@ struct ModelArgs {
     /// arithmetic on aarch64 with fp16 (Cortex-A76 and later), a storage format elsewhere.
     #[arg(long)]
     precision: Option<Precision>,
+    /// Instruction set of the runtime's own operators' kernels: portable, neon (aarch64), avx2
+    /// or avx512 (x86-64).
+    /// Default: the RUNTIME_ISA environment variable, else the best this CPU runs. A lower one
+    /// is for testing and comparing kernels on one machine; one the CPU lacks is an error.
+    #[arg(long)]
+    isa: Option<runtime::Isa>,
 }
 
 /// A loaded model and how it was loaded.
@@ -261,6 +267,7 @@ impl ModelArgs {
                 .transpose()?,
             attention,
             precision: self.precision,
+            isa: self.isa,
         })
     }
 
@@ -559,6 +566,7 @@ fn info(args: &ModelArgs, graph: bool, json: bool) -> Result<()> {
     let features = runtime::model::cpu_features();
     let kernels = model.kernels();
     let operators = model.operators();
+    let operator_kernels = model.operator_kernels();
     if json {
         let mut report = json!({
                 "source": source,
@@ -570,6 +578,7 @@ fn info(args: &ModelArgs, graph: bool, json: bool) -> Result<()> {
                 "metadata": model.metadata,
                 "cpu": {"arch": std::env::consts::ARCH, "features": features},
                 "tract": {"version": tract_version(), "threads": threads, "precision": model.precision.as_str(), "matmul_kernels": kernels, "operators": operators},
+                "operator_kernels": operator_kernels,
         });
         if graph {
             report["graph"] = json!(model.graph());
@@ -630,6 +639,19 @@ fn info(args: &ModelArgs, graph: bool, json: bool) -> Result<()> {
     };
     println!("kernels  {}", list(&kernels));
     println!("ops      {}", list(&operators));
+    let ours: Vec<String> = operator_kernels
+        .iter()
+        .map(|(op, isa)| format!("{op} {isa}"))
+        .collect();
+    println!(
+        "own ops  {} (best here: {})",
+        if ours.is_empty() {
+            "none".to_string()
+        } else {
+            ours.join(", ")
+        },
+        runtime::Isa::best()
+    );
     if graph {
         println!("graph");
         for line in model.graph() {

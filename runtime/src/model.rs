@@ -2,6 +2,7 @@
 //! input fixed to `[1, C, H, W]`, optimised once.
 
 use crate::metadata as key;
+use crate::ops::{Isa, IsaError};
 use crate::precision::{self, Precision};
 use crate::preprocess::{PreprocessConfig, ResizeMode, per_channel};
 use std::collections::BTreeMap;
@@ -35,6 +36,8 @@ pub enum ModelError {
     Tract(String),
     #[error("{0}")]
     Precision(String),
+    #[error(transparent)]
+    Isa(#[from] IsaError),
     #[error(
         "the model has no attention outputs: export it with `exporter export --with-attention` (the shipped model has them)"
     )]
@@ -56,6 +59,9 @@ pub struct ModelOptions {
     pub attention: bool,
     /// The arithmetic to run in; `None` runs the file as it is (f32, or int8 if quantized).
     pub precision: Option<Precision>,
+    /// The instruction set of the runtime's own operators' kernels; `None` takes the one
+    /// `RUNTIME_ISA` names, else the best this CPU runs.
+    pub isa: Option<Isa>,
 }
 
 impl ModelOptions {
@@ -85,6 +91,8 @@ pub struct Model {
     /// Attention maps the plan outputs after the logits (0 unless asked for).
     pub attention_layers: usize,
     pub precision: Precision,
+    /// The instruction set of the runtime's own operators' kernels.
+    pub isa: Isa,
     /// `onnx.metadata_props` of the file, by key.
     pub metadata: BTreeMap<String, String>,
 }
@@ -100,6 +108,7 @@ impl Model {
 
     pub fn from_bytes(bytes: &[u8], options: &ModelOptions) -> Result<Model, ModelError> {
         let tract = |e: tract_onnx::prelude::TractError| ModelError::Tract(format!("{e:#}"));
+        let (isa, isa_forced) = Isa::choose(options.isa)?;
         let mut onnx = tract_onnx::onnx();
         // Parse the protobuf first so a non-ONNX file gets its own error, not a tract trace.
         let proto = onnx
@@ -137,7 +146,7 @@ impl Model {
         }
         if precision != Precision::F16 {
             // f16's translator knows tract's own operators only.
-            crate::layer_norm::register(&mut onnx);
+            crate::ops::layer_norm::register(&mut onnx);
         }
         let mut model = onnx.model_for_proto_model(&proto).map_err(tract)?;
 
@@ -245,13 +254,17 @@ impl Model {
             }
             typed = precision::to_f16(typed).map_err(tract)?;
         } else {
-            crate::attention::fuse_attention(&mut typed).map_err(tract)?;
-            if crate::dense::beats_tract_here() {
-                crate::dense::fuse_dense(&mut typed).map_err(tract)?;
+            crate::ops::layer_norm::fuse_decomposed(&mut typed, isa).map_err(tract)?;
+            crate::ops::attention::fuse_attention(&mut typed, isa).map_err(tract)?;
+            // A kernel asked for runs even where tract's would be faster: that is what asking
+            // for it is for (tests, comparisons).
+            if isa_forced || crate::ops::dense::beats_tract(isa) {
+                crate::ops::dense::fuse_dense(&mut typed, isa).map_err(tract)?;
             }
         }
         let mut optimized = typed.into_optimized().map_err(tract)?;
-        crate::softmax::use_row_softmax(&mut optimized);
+        crate::ops::softmax::use_row_softmax(&mut optimized, isa);
+        crate::ops::layer_norm::use_isa(&mut optimized, isa);
         let output = optimized.output_fact(0).map_err(tract)?;
         let classes = match output.shape.as_concrete() {
             Some(dims) if dims.len() == 2 && dims[0] == 1 => dims[1],
@@ -284,6 +297,7 @@ impl Model {
             output_name,
             attention_layers,
             precision,
+            isa,
             metadata,
         })
     }
@@ -332,6 +346,29 @@ impl Model {
                 )
             })
             .collect()
+    }
+
+    /// The instruction set of the kernel each of the runtime's own operators in the plan runs,
+    /// by operator name.
+    pub fn operator_kernels(&self) -> BTreeMap<String, Isa> {
+        use crate::ops::{
+            attention::TokenMajorAttention, dense::DenseLinear, layer_norm::LastAxisLayerNorm,
+            softmax::RowSoftmax,
+        };
+        let mut kernels = BTreeMap::new();
+        for node in &self.plan.model().nodes {
+            let op = &node.op;
+            let isa = op
+                .downcast_ref::<DenseLinear>()
+                .map(|op| op.isa)
+                .or_else(|| op.downcast_ref::<TokenMajorAttention>().map(|op| op.isa))
+                .or_else(|| op.downcast_ref::<LastAxisLayerNorm>().map(|op| op.isa))
+                .or_else(|| op.downcast_ref::<RowSoftmax>().map(|op| op.isa));
+            if let Some(isa) = isa {
+                kernels.insert(op.name().to_string(), isa);
+            }
+        }
+        kernels
     }
 
     /// How many nodes of each operator the optimised model runs.

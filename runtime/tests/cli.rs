@@ -4,7 +4,7 @@
 mod common;
 use common::{repo, runtime, stderr, stdout};
 
-use std::process::Output;
+use std::process::{Command, Output};
 
 fn sample() -> String {
     repo("models/samples/frame.jpg").display().to_string()
@@ -232,4 +232,52 @@ fn a_reader_that_stops_early_ends_the_output_quietly() {
     let output = child.wait_with_output().unwrap();
     let message = stderr(&output);
     assert!(!message.contains("panicked"), "{message}");
+}
+
+/// `--isa` (and `RUNTIME_ISA`) choose the operators' kernels: `info` names them, a forced
+/// lower kernel gives the best kernel's answer, and one the CPU lacks is one clear line.
+#[test]
+fn the_kernel_instruction_set_can_be_forced_and_is_reported() {
+    let kernels = |output: &Output| -> serde_json::Value {
+        assert!(output.status.success(), "{}", stderr(output));
+        let info: serde_json::Value = serde_json::from_str(&stdout(output)).unwrap();
+        info["operator_kernels"].clone()
+    };
+    let forced = kernels(&runtime(&["info", "--json", "--isa", "portable"]));
+    assert_eq!(forced["DenseLinear"], "portable", "{forced}");
+    assert_eq!(forced["TokenMajorAttention"], "portable", "{forced}");
+    let best = kernels(&runtime(&["info", "--json"]));
+    assert!(best["TokenMajorAttention"].is_string(), "{best}");
+
+    let logits = |isa: &str| -> Vec<f64> {
+        let output = runtime(&["classify", &sample(), "--json", "--logits", "--isa", isa]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let result: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+        let logits = result["logits"].as_array().unwrap();
+        logits.iter().map(|l| l.as_f64().unwrap()).collect()
+    };
+    let best_isa = best["TokenMajorAttention"].as_str().unwrap();
+    for (a, b) in logits("portable").iter().zip(logits(best_isa)) {
+        assert!((a - b).abs() <= 1e-4, "portable {a} against {best_isa} {b}");
+    }
+
+    let unknown = runtime(&["info", "--isa", "sse9"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", stderr(&unknown));
+    let absent = if cfg!(target_arch = "x86_64") {
+        "neon"
+    } else {
+        "avx2"
+    };
+    let refused = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["info"])
+        .env("RUNTIME_ISA", absent)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let message = stderr(&refused);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.contains(&format!("cannot run the {absent} kernels")),
+        "{message}"
+    );
 }

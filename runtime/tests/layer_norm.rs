@@ -1,10 +1,10 @@
-//! `runtime::layer_norm::register`: ONNX LayerNormalization over the last axis parses into one
+//! `runtime::ops::layer_norm::register`: ONNX LayerNormalization over the last axis parses into one
 //! operator with tract's answer; other forms keep tract's own expansion.
 
 mod common;
 
 use common::{float_value_info, onnx_file};
-use runtime::layer_norm::register;
+use runtime::ops::layer_norm::register;
 use runtime::tract_onnx::pb;
 use runtime::tract_onnx::prelude::*;
 

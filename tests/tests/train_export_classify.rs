@@ -78,7 +78,7 @@ fn runtime_gives_burns_answer_on_an_exported_model() {
         Some(&2),
         "{operators:?}"
     );
-    let dense = runtime::dense::beats_tract_here().then_some(6 * 2 + 1);
+    let dense = runtime::ops::dense::beats_tract(model.isa).then_some(6 * 2 + 1);
     assert_eq!(
         operators.get("DenseLinear").copied(),
         dense,

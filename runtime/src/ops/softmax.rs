@@ -8,7 +8,8 @@
 //! in place with loops the compiler vectorises (AVX2 + FMA when the CPU has them, NEON on
 //! aarch64), and [`use_row_softmax`] swaps it in for tract's op after optimisation.
 
-use crate::rows::{LANES, update_rows};
+use crate::ops::Isa;
+use crate::ops::rows::{LANES, update_rows};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
@@ -21,11 +22,17 @@ const SOFTMAX_COST: usize = 12;
 pub struct RowSoftmax {
     /// The op it replaces, for inputs this one does not handle.
     original: Softmax,
+    /// The kernel's instruction set.
+    pub isa: Isa,
 }
 
 impl Op for RowSoftmax {
     fn name(&self) -> StaticName {
         "RowSoftmax".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![self.isa.to_string()])
     }
 
     op_as_typed_op!();
@@ -44,7 +51,7 @@ impl EvalOp for RowSoftmax {
             return self.original.eval(ctx, tvec!(input));
         }
         let output = update_rows(input, row_len, SOFTMAX_COST, |rows| {
-            softmax_rows(rows, row_len)
+            softmax_rows(rows, row_len, self.isa)
         })?;
         Ok(tvec!(output))
     }
@@ -58,9 +65,9 @@ impl TypedOp for RowSoftmax {
     as_op!();
 }
 
-/// Replace each f32 softmax over the last axis in an optimised model by [`RowSoftmax`];
-/// returns how many were replaced.
-pub fn use_row_softmax(model: &mut TypedModel) -> usize {
+/// Replace each f32 softmax over the last axis in an optimised model by [`RowSoftmax`] on the
+/// kernel for `isa`; returns how many were replaced.
+pub fn use_row_softmax(model: &mut TypedModel, isa: Isa) -> usize {
     let mut replaced = 0;
     for node in &mut model.nodes {
         let Some(softmax) = node.op_as::<Softmax>() else {
@@ -75,6 +82,7 @@ pub fn use_row_softmax(model: &mut TypedModel) -> usize {
         {
             node.op = Box::new(RowSoftmax {
                 original: softmax.clone(),
+                isa: row_kernel(isa),
             });
             replaced += 1;
         }
@@ -82,11 +90,22 @@ pub fn use_row_softmax(model: &mut TypedModel) -> usize {
     replaced
 }
 
-/// Softmax of each `row_len` row of `rows`, in place.
-pub fn softmax_rows(rows: &mut [f32], row_len: usize) {
+/// The kernel a row operator (this softmax, the LayerNorm) runs for the best instruction set
+/// `isa`: rows of a few hundred values are memory-bound, so AVX-512 runs the AVX2 kernel, and
+/// aarch64 the portable one (which the compiler vectorises with NEON).
+pub(crate) fn row_kernel(isa: Isa) -> Isa {
+    match isa {
+        Isa::Avx2 | Isa::Avx512 => Isa::Avx2,
+        Isa::Portable | Isa::Neon => Isa::Portable,
+    }
+}
+
+/// Softmax of each `row_len` row of `rows`, in place, on `isa`'s kernel.
+pub fn softmax_rows(rows: &mut [f32], row_len: usize, isa: Isa) {
+    assert!(isa.runs_here(), "{isa} kernel on a CPU without it");
     #[cfg(target_arch = "x86_64")]
-    if crate::rows::has_avx2_fma() {
-        // SAFETY: the CPU has the features the function is compiled for.
+    if isa >= Isa::Avx2 {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
         unsafe { softmax_rows_avx2_fma(rows, row_len) };
         return;
     }
@@ -225,14 +244,16 @@ mod tests {
         for row_len in [1, 2, 7, 8, 9, 17, 31, 64, 325] {
             for spread in [0.1, 10.0, 200.0] {
                 let input = pseudo_random(row_len * 5, spread, row_len as u32);
-                let mut ours = input.clone();
-                softmax_rows(&mut ours, row_len);
-                for (row_in, row_out) in input.chunks(row_len).zip(ours.chunks(row_len)) {
-                    let expected = reference(row_in);
-                    let sum: f32 = row_out.iter().sum();
-                    assert!((sum - 1.0).abs() < 1e-5, "row of {row_len} sums to {sum}");
-                    for (a, b) in row_out.iter().zip(&expected) {
-                        assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
+                for isa in Isa::available() {
+                    let mut ours = input.clone();
+                    softmax_rows(&mut ours, row_len, isa);
+                    for (row_in, row_out) in input.chunks(row_len).zip(ours.chunks(row_len)) {
+                        let expected = reference(row_in);
+                        let sum: f32 = row_out.iter().sum();
+                        assert!((sum - 1.0).abs() < 1e-5, "row of {row_len} sums to {sum}");
+                        for (a, b) in row_out.iter().zip(&expected) {
+                            assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{isa}: {a} vs {b}");
+                        }
                     }
                 }
             }
@@ -252,7 +273,7 @@ mod tests {
             .into_runnable()?
             .run(tvec!(input.clone().into()))?;
 
-        assert_eq!(use_row_softmax(&mut model), 1);
+        assert_eq!(use_row_softmax(&mut model, Isa::Portable), 1);
         assert_eq!(model.nodes[1].op.name(), "RowSoftmax");
         let ours = model.into_runnable()?.run(tvec!(input.into()))?;
         expected[0].close_enough(&ours[0], Approximation::Close)?;

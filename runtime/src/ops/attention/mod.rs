@@ -11,8 +11,8 @@
 
 use std::cell::RefCell;
 
-use crate::rows::{PANEL_WIDTH, for_each_share, rows_times_panel};
-use crate::softmax::{exp_in_place, row_max};
+use crate::ops::Isa;
+use crate::ops::rows::for_each_share;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -23,11 +23,14 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenMajorAttention {
     pub scale: f32,
+    /// The kernel's instruction set.
+    pub isa: Isa,
 }
 
 impl std::hash::Hash for TokenMajorAttention {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.scale.to_bits().hash(state);
+        self.isa.hash(state);
     }
 }
 
@@ -39,7 +42,7 @@ impl Op for TokenMajorAttention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("scale: {}", self.scale)])
+        Ok(vec![format!("scale: {}, {}", self.scale, self.isa)])
     }
 
     op_as_typed_op!();
@@ -62,7 +65,7 @@ impl EvalOp for TokenMajorAttention {
         {
             let mut out = output.try_as_plain_ram_mut()?;
             let (q, k, v) = (q.as_slice()?, k.as_slice()?, v.as_slice()?);
-            attend(shape, self.scale, q, k, v, out.as_slice_mut()?)?;
+            attend(shape, self.scale, self.isa, q, k, v, out.as_slice_mut()?)?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -97,6 +100,10 @@ impl Shape {
         let [queries, heads, key_size] = [q.shape()[0], q.shape()[1], q.shape()[2]];
         let [keys, value_size] = [k.shape()[0], v.shape()[2]];
         ensure!(
+            keys > 0 && key_size > 0,
+            "attention over {keys} keys of size {key_size}"
+        );
+        ensure!(
             k.shape() == [keys, heads, key_size] && v.shape() == [keys, heads, value_size],
             "attention operands q {:?}, k {:?}, v {:?} do not agree",
             q.shape(),
@@ -113,11 +120,11 @@ impl Shape {
     }
 }
 
-/// Query rows computed together: each key (and value) vector loaded feeds this many of them,
-/// and [`TILE`] columns of each take twelve of the sixteen AVX2 registers as accumulators.
-const ROWS: usize = 6;
-/// Keys per score tile and value columns per output tile.
-const TILE: usize = PANEL_WIDTH;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod portable;
 
 thread_local! {
     /// Reused between frames: k and v in tiles on the calling thread, a block of scores on
@@ -138,13 +145,34 @@ fn with_buffer<R>(
     })
 }
 
+/// How a kernel tiles the work: the query rows of a block (its largest), the keys of a score
+/// tile and the value columns of an output tile, as many as its registers hold sums for.
+#[derive(Debug, Clone, Copy)]
+struct Tiling {
+    rows: usize,
+    key_tile: usize,
+    value_tile: usize,
+}
+
+impl Tiling {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn of(isa: Isa, value_size: usize) -> Tiling {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::tiling(value_size),
+            _ => portable::TILING,
+        }
+    }
+}
+
 /// k and v of every head, rearranged once per evaluation so that the inner loops read them
-/// front to back: `keys[h][key tile][d][TILE]` and `values[h][column tile][key][TILE]`,
-/// zero-padded to whole tiles.
+/// front to back: `keys[h][key tile][d][key_tile]` and
+/// `values[h][column tile][key][value_tile]`, zero-padded to whole tiles.
 struct Panels<'a> {
     keys: &'a [f32],
     values: &'a [f32],
-    /// Keys rounded up to a whole number of tiles.
+    tiling: Tiling,
+    /// Keys rounded up to a whole number of key tiles.
     padded_keys: usize,
     column_tiles: usize,
 }
@@ -156,7 +184,7 @@ impl Panels<'_> {
     }
 
     fn values_of(&self, head: usize) -> &[f32] {
-        let len = self.column_tiles * self.padded_keys * TILE;
+        let len = self.column_tiles * self.padded_keys * self.tiling.value_tile;
         &self.values[head * len..][..len]
     }
 }
@@ -165,6 +193,7 @@ impl Panels<'_> {
 fn attend(
     shape: Shape,
     scale: f32,
+    isa: Isa,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -173,29 +202,57 @@ fn attend(
     if shape.queries == 0 || shape.heads == 0 || shape.value_size == 0 {
         return Ok(());
     }
+    let isa = kernel(isa);
+    assert!(isa.runs_here(), "{isa} kernel on a CPU without it");
+    let tiling = Tiling::of(isa, shape.value_size);
     with_buffer(&PANELS, |buffer| {
         let job = Job {
             shape,
             scale,
             q,
-            panels: pack(shape, k, v, buffer),
+            panels: pack(shape, tiling, k, v, buffer),
         };
         // The default model's core is 0.3 M multiply-adds: one thread.
         let macs = shape.heads * shape.queries * shape.keys * (shape.key_size + shape.value_size);
         let row_len = shape.heads * shape.value_size;
-        for_each_share(output, row_len, ROWS, macs, |first_query, out| {
+        for_each_share(output, row_len, tiling.rows, macs, |first_query, out| {
             with_buffer(&SCRATCH, |scratch| {
-                let len = ROWS * job.panels.padded_keys;
-                scratch.resize(len, 0.0);
-                attend_queries(&job, first_query, out, scratch);
+                let scratch = aligned(scratch, tiling.rows * job.panels.padded_keys);
+                match isa {
+                    // SAFETY: the CPU has the features the kernels are compiled for (checked
+                    // above).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe {
+                        avx512::attend_queries(&job, first_query, out, scratch)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { avx2::attend_queries(&job, first_query, out, scratch) },
+                    _ => portable::attend_queries(&job, first_query, out, scratch),
+                }
             });
         });
         Ok(())
     })
 }
 
+/// `len` values of `buffer` from a 64-byte boundary (see `ops::AlignedBuffer`), which grows
+/// to hold them and otherwise keeps what it held.
+fn aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len + 16 {
+        buffer.resize(len + 16, 0.0);
+    }
+    let start = buffer.as_ptr().align_offset(64).min(16);
+    &mut buffer[start..][..len]
+}
+
 /// Rearranges k and v into `buffer` (see [`Panels`]).
-fn pack<'a>(shape: Shape, k: &[f32], v: &[f32], buffer: &'a mut Vec<f32>) -> Panels<'a> {
+fn pack<'a>(
+    shape: Shape,
+    tiling: Tiling,
+    k: &[f32],
+    v: &[f32],
+    buffer: &'a mut Vec<f32>,
+) -> Panels<'a> {
     let Shape {
         keys,
         heads,
@@ -203,33 +260,53 @@ fn pack<'a>(shape: Shape, k: &[f32], v: &[f32], buffer: &'a mut Vec<f32>) -> Pan
         value_size,
         ..
     } = shape;
-    let padded_keys = keys.next_multiple_of(TILE);
-    let column_tiles = value_size.div_ceil(TILE);
+    let Tiling {
+        key_tile,
+        value_tile,
+        ..
+    } = tiling;
+    let padded_keys = keys.next_multiple_of(key_tile);
+    let column_tiles = value_size.div_ceil(value_tile);
     let keys_len = heads * padded_keys * key_size;
-    let values_len = heads * column_tiles * padded_keys * TILE;
-    buffer.clear();
-    buffer.resize(keys_len + values_len, 0.0);
-    let (key_panels, value_panels) = buffer.split_at_mut(keys_len);
-    for (j, (k_row, v_row)) in k
-        .chunks_exact(heads * key_size)
-        .zip(v.chunks_exact(heads * value_size))
+    let values_len = heads * column_tiles * padded_keys * value_tile;
+    // The padding (keys past the last, value columns past the last) is never read into an
+    // output, so a reused buffer keeps whatever it held there.
+    let (key_panels, value_panels) = aligned(buffer, keys_len + values_len).split_at_mut(keys_len);
+    let row = |j: usize, h: usize| j * heads + h;
+    // Keys transposed a tile at a time: its panel rows written front to back, its keys read
+    // from as many rows as stay in L1.
+    for (h, panel) in key_panels
+        .chunks_exact_mut(padded_keys * key_size)
         .enumerate()
     {
-        let (tile, lane) = (j / TILE, j % TILE);
-        for h in 0..heads {
-            let panel = &mut key_panels[h * padded_keys * key_size..];
-            for (d, &x) in k_row[h * key_size..][..key_size].iter().enumerate() {
-                panel[(tile * key_size + d) * TILE + lane] = x;
+        for (tile, panel) in panel.chunks_exact_mut(key_size * key_tile).enumerate() {
+            let first = tile * key_tile;
+            let tile_keys = key_tile.min(keys - first);
+            for (d, panel_row) in panel.chunks_exact_mut(key_tile).enumerate() {
+                for (lane, value) in panel_row[..tile_keys].iter_mut().enumerate() {
+                    *value = k[row(first + lane, h) * key_size + d];
+                }
             }
-            let panel = &mut value_panels[h * column_tiles * padded_keys * TILE..];
-            for (c, &x) in v_row[h * value_size..][..value_size].iter().enumerate() {
-                panel[((c / TILE) * padded_keys + j) * TILE + c % TILE] = x;
+        }
+    }
+    // Values: each row cut into tiles of columns.
+    for (h, panel) in value_panels
+        .chunks_exact_mut(column_tiles * padded_keys * value_tile)
+        .enumerate()
+    {
+        for (tile, panel) in panel.chunks_exact_mut(padded_keys * value_tile).enumerate() {
+            let column = tile * value_tile;
+            let columns = value_tile.min(value_size - column);
+            for (j, panel_row) in panel.chunks_exact_mut(value_tile).take(keys).enumerate() {
+                let v_row = &v[row(j, h) * value_size + column..][..columns];
+                panel_row[..columns].copy_from_slice(v_row);
             }
         }
     }
     Panels {
         keys: key_panels,
         values: value_panels,
+        tiling,
         padded_keys,
         column_tiles,
     }
@@ -243,96 +320,12 @@ struct Job<'a> {
     panels: Panels<'a>,
 }
 
-fn attend_queries(job: &Job, first_query: usize, out: &mut [f32], scratch: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::rows::has_avx2_fma() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { attend_queries_avx2_fma(job, first_query, out, scratch) };
-        return;
-    }
-    // aarch64 always has a fused multiply-add; elsewhere `mul_add` would be a libm call.
-    attend_queries_with::<{ cfg!(target_arch = "aarch64") }>(job, first_query, out, scratch);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_queries_avx2_fma(
-    job: &Job,
-    first_query: usize,
-    out: &mut [f32],
-    scratch: &mut [f32],
-) {
-    attend_queries_with::<true>(job, first_query, out, scratch);
-}
-
-/// The output rows `out` (whole query tokens from `first_query` on), block by block of
-/// [`ROWS`] queries of one head. A last, partial block runs as a whole one on zero queries
-/// whose results are dropped.
-#[inline(always)]
-fn attend_queries_with<const FMA: bool>(
-    job: &Job,
-    first_query: usize,
-    out: &mut [f32],
-    scratch: &mut [f32],
-) {
-    let Job {
-        shape,
-        scale,
-        q,
-        ref panels,
-    } = *job;
-    let Shape {
-        keys,
-        heads,
-        key_size,
-        value_size,
-        ..
-    } = shape;
-    let padded_keys = panels.padded_keys;
-    let queries = out.len() / (heads * value_size);
-    let scores = &mut scratch[..ROWS * padded_keys];
-    for head in 0..heads {
-        let key_panel = panels.keys_of(head, key_size);
-        let value_panel = panels.values_of(head);
-        for block in (0..queries).step_by(ROWS) {
-            let rows = ROWS.min(queries - block);
-            // Read in place (a partial block repeats its last query; those results are
-            // dropped): copying q into a block cost a sixth of the core at head size 64.
-            let q_rows: [&[f32]; ROWS] = std::array::from_fn(|r| {
-                let token = first_query + block + r.min(rows - 1);
-                &q[(token * heads + head) * key_size..][..key_size]
-            });
-            for (t, tile) in key_panel.chunks_exact(key_size * TILE).enumerate() {
-                let tile_scores = rows_times_panel::<FMA, ROWS>(q_rows, tile, [[0.0; TILE]; ROWS]);
-                for (r, tile_scores) in tile_scores.iter().enumerate() {
-                    let row = &mut scores[r * padded_keys + t * TILE..][..TILE];
-                    for (score, &dot) in row.iter_mut().zip(tile_scores) {
-                        *score = dot * scale;
-                    }
-                }
-            }
-            // Softmax without its division: the context's few values are divided instead.
-            let mut sums = [0f32; ROWS];
-            for (sum, row) in sums.iter_mut().zip(scores.chunks_exact_mut(padded_keys)) {
-                let row = &mut row[..keys];
-                *sum = exp_in_place::<FMA>(row, row_max(row));
-            }
-            let weights: [&[f32]; ROWS] =
-                std::array::from_fn(|r| &scores[r * padded_keys..][..keys]);
-            for (column_tile, panel) in value_panel.chunks_exact(padded_keys * TILE).enumerate() {
-                let panel = &panel[..keys * TILE];
-                let context = rows_times_panel::<FMA, ROWS>(weights, panel, [[0.0; TILE]; ROWS]);
-                let c = column_tile * TILE;
-                let width = TILE.min(value_size - c);
-                for r in 0..rows {
-                    let at = (block + r) * heads * value_size + head * value_size + c;
-                    let recip = 1.0 / sums[r];
-                    for (o, &x) in out[at..][..width].iter_mut().zip(&context[r]) {
-                        *o = x * recip;
-                    }
-                }
-            }
-        }
+/// The kernel the attention core runs for the best instruction set `isa`: aarch64 runs the
+/// portable one, which the compiler vectorises with NEON.
+fn kernel(isa: Isa) -> Isa {
+    match isa {
+        Isa::Neon => Isa::Portable,
+        isa => isa,
     }
 }
 
@@ -353,7 +346,7 @@ struct Core {
 /// reads the exporter's graph, and torch's once its transposes are folded, except that torch's
 /// q, k and v are `[tokens, 1, heads, d]` slices of the fused QKV output: unit axes summed away
 /// are dropped before matching, and removed from the operands.
-pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
+pub fn fuse_attention(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
     let softmaxes: Vec<usize> = model
         .nodes()
         .iter()
@@ -376,7 +369,10 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
             }
             inputs.push(wire);
         }
-        let op = TokenMajorAttention { scale: core.scale };
+        let op = TokenMajorAttention {
+            scale: core.scale,
+            isa: kernel(isa),
+        };
         let wire = patch.wire_node(&name, op, &inputs)?[0];
         patch.shunt_outside(model, core.context.into(), wire)?;
         patch.apply(model)?;
@@ -502,7 +498,7 @@ fn einsum_form(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rows::on_two_threads;
+    use crate::ops::rows::on_two_threads;
 
     /// Attention in double precision, straight from the definition.
     fn reference(shape: Shape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
@@ -558,9 +554,12 @@ mod tests {
             (17, 17, 4, 16, 16),
             (50, 50, 4, 16, 16),
             (9, 33, 3, 24, 40),
+            (7, 9, 2, 33, 33),
             (6, 130, 1, 64, 25),
             // Above rows::PARALLEL_MACS: the rows are split between threads when there are several.
             (203, 203, 2, 16, 16),
+            // Smaller again: the buffers reused from the larger ones are longer than needed.
+            (5, 7, 2, 3, 9),
         ] {
             let shape = Shape {
                 queries,
@@ -573,14 +572,16 @@ mod tests {
             let k = values(keys * heads * key_size, 2);
             let v = values(keys * heads * value_size, 3);
             let scale = 1.0 / (key_size as f32).sqrt();
-            let mut out = vec![f32::NAN; queries * heads * value_size];
-            on_two_threads(|| attend(shape, scale, &q, &k, &v, &mut out)).unwrap();
             let expected = reference(shape, scale, &q, &k, &v);
-            for (got, want) in out.iter().zip(&expected) {
-                assert!(
-                    (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
-                    "{shape:?}: {got} against {want}"
-                );
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; queries * heads * value_size];
+                on_two_threads(|| attend(shape, scale, isa, &q, &k, &v, &mut out)).unwrap();
+                for (got, want) in out.iter().zip(&expected) {
+                    assert!(
+                        (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                        "{isa}, {shape:?}: {got} against {want}"
+                    );
+                }
             }
         }
     }

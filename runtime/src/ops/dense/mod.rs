@@ -12,18 +12,21 @@
 
 use std::sync::Arc;
 
-use crate::rows::{PANEL_WIDTH, for_each_share, has_avx2_fma, rows_times_panel};
-use crate::softmax::multiply_add;
+use crate::ops::rows::for_each_share;
+use crate::ops::{AlignedBuffer, Isa};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::GeluExact;
 
-/// Output columns per panel.
-const COLUMNS: usize = PANEL_WIDTH;
-/// Activation rows computed together: each panel row loaded feeds this many of them.
-const ROWS: usize = 6;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod portable;
 
 /// `y = act(x W + b) + r` over the last axis of a contiguous f32 `x` (`[rows…, depth]`, any
 /// leading axes), with W `[depth, width]` and b `[width]` held by the operator, `act` the
@@ -31,8 +34,11 @@ const ROWS: usize = 6;
 /// residual stream).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DenseLinear {
-    /// W in panels of [`COLUMNS`] columns, `[panel][depth][COLUMNS]`, zero-padded.
-    panels: Arc<Vec<f32>>,
+    /// The kernel's instruction set.
+    pub isa: Isa,
+    /// W in panels as wide as the kernel's block (`DenseLinear::block`), `[panel][depth][columns]`,
+    /// zero-padded.
+    panels: Arc<AlignedBuffer>,
     /// b zero-padded to whole panels (zeros when the layer has none).
     bias: Arc<Vec<f32>>,
     depth: usize,
@@ -49,8 +55,10 @@ impl Eq for DenseLinear {}
 
 impl DenseLinear {
     /// The operator for `weight` (row-major `[depth, width]`, or `[width, depth]` if
-    /// `transposed`, as torch's `Gemm` stores it) and an optional `bias`.
+    /// `transposed`, as torch's `Gemm` stores it) and an optional `bias`, computed by `isa`'s
+    /// kernel.
     pub fn new(
+        isa: Isa,
         weight: &[f32],
         transposed: bool,
         bias: Option<&[f32]>,
@@ -60,8 +68,9 @@ impl DenseLinear {
     ) -> TractResult<DenseLinear> {
         ensure!(weight.len() == depth * width && depth > 0 && width > 0);
         ensure!(output_shape.last() == Some(&width));
-        let panel_count = width.div_ceil(COLUMNS);
-        let mut panels = vec![0f32; panel_count * depth * COLUMNS];
+        let (_, columns) = Self::block(isa, width);
+        let panel_count = width.div_ceil(columns);
+        let mut panels = AlignedBuffer::zeroed(panel_count * depth * columns);
         for d in 0..depth {
             for c in 0..width {
                 let w = if transposed {
@@ -69,15 +78,16 @@ impl DenseLinear {
                 } else {
                     weight[d * width + c]
                 };
-                panels[((c / COLUMNS) * depth + d) * COLUMNS + c % COLUMNS] = w;
+                panels[((c / columns) * depth + d) * columns + c % columns] = w;
             }
         }
-        let mut padded_bias = vec![0f32; panel_count * COLUMNS];
+        let mut padded_bias = vec![0f32; panel_count * columns];
         if let Some(bias) = bias {
             ensure!(bias.len() == width);
             padded_bias[..width].copy_from_slice(bias);
         }
         Ok(DenseLinear {
+            isa,
             panels: Arc::new(panels),
             bias: Arc::new(padded_bias),
             depth,
@@ -86,6 +96,19 @@ impl DenseLinear {
             gelu: false,
             residual: false,
         })
+    }
+
+    /// The rows and columns of the block of sums the kernel keeps in registers for a layer
+    /// `width` wide; W's panels are as wide as the block.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn block(isa: Isa, width: usize) -> (usize, usize) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::block(width),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => (neon::ROWS, portable::COLUMNS),
+            _ => (portable::ROWS, portable::COLUMNS),
+        }
     }
 }
 
@@ -98,8 +121,8 @@ impl Op for DenseLinear {
         let gelu = if self.gelu { ", GELU" } else { "" };
         let residual = if self.residual { ", + residual" } else { "" };
         Ok(vec![format!(
-            "{}x{}{gelu}{residual}",
-            self.depth, self.width
+            "{}x{}{gelu}{residual}, {}",
+            self.depth, self.width, self.isa
         )])
     }
 
@@ -154,7 +177,8 @@ impl DenseLinear {
     /// `y` for `x` of whole rows, the rows spread over tract's threads.
     fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         let macs = x.len() * self.width;
-        for_each_share(out, self.width, ROWS, macs, |first_row, out| {
+        let (block, _) = Self::block(self.isa, self.width);
+        for_each_share(out, self.width, block, macs, |first_row, out| {
             let rows = out.len() / self.width;
             let x = &x[first_row * self.depth..][..rows * self.depth];
             let residual = residual.map(|r| &r[first_row * self.width..][..out.len()]);
@@ -162,128 +186,54 @@ impl DenseLinear {
         });
     }
 
+    /// The output rows `out` from the rows `x` (and `residual`), on the operator's kernel.
     fn rows(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU has the features the function is compiled for.
-            unsafe { self.rows_avx2_fma(x, residual, out) };
-            return;
-        }
-        // aarch64 always has a fused multiply-add; elsewhere `mul_add` would be a libm call.
-        self.rows_with::<{ cfg!(target_arch = "aarch64") }>(x, residual, out);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_avx2_fma(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
-        self.rows_with::<true>(x, residual, out);
-    }
-
-    /// Panel by panel (which then stays in cache), block by block of [`ROWS`] rows.
-    #[inline(always)]
-    fn rows_with<const FMA: bool>(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
-        let (depth, width) = (self.depth, self.width);
-        let rows = out.len() / width;
-        let panels = self.panels.chunks_exact(depth * COLUMNS);
-        let (biases, _) = self.bias.as_chunks::<COLUMNS>();
-        for (p, (panel, bias)) in panels.zip(biases).enumerate() {
-            let column = p * COLUMNS;
-            let block = Block {
-                panel,
-                bias,
-                width,
-                columns: COLUMNS.min(width - column),
-                gelu: self.gelu,
-            };
-            for first in (0..rows).step_by(ROWS) {
-                let x = &x[first * depth..];
-                let at = first * width + column;
-                let residual = residual.map(|r| &r[at..]);
-                let out = &mut out[at..];
-                match rows - first {
-                    1 => block.compute::<FMA, 1>(x, residual, out),
-                    2 => block.compute::<FMA, 2>(x, residual, out),
-                    3 => block.compute::<FMA, 3>(x, residual, out),
-                    4 => block.compute::<FMA, 4>(x, residual, out),
-                    5 => block.compute::<FMA, 5>(x, residual, out),
-                    _ => block.compute::<FMA, ROWS>(x, residual, out),
-                }
-            }
+        assert!(
+            self.isa.runs_here(),
+            "{} kernel on a CPU without it",
+            self.isa
+        );
+        match self.isa {
+            // SAFETY: the CPU has the features the kernels are compiled for (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::rows(self, x, residual, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::rows(self, x, residual, out) },
+            // SAFETY: every aarch64 CPU has NEON.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { neon::rows(self, x, residual, out) },
+            _ => portable::rows(self, x, residual, out),
         }
     }
 }
 
-/// One panel of W, and what is done with its sums.
-struct Block<'a> {
-    panel: &'a [f32],
-    bias: &'a [f32; COLUMNS],
-    /// Output row length.
-    width: usize,
-    /// Columns of the panel that are outputs (the rest is padding).
-    columns: usize,
-    gelu: bool,
-}
-
-impl Block<'_> {
-    /// `R` output rows of the panel's columns, from `R` rows of `x` (and of `residual`).
-    #[inline(always)]
-    fn compute<const FMA: bool, const R: usize>(
-        &self,
-        x: &[f32],
-        residual: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        let depth = self.panel.len() / COLUMNS;
-        let x: [&[f32]; R] = std::array::from_fn(|r| &x[r * depth..][..depth]);
-        let mut sums = rows_times_panel::<FMA, R>(x, self.panel, [*self.bias; R]);
-        if self.gelu {
-            // Plain loops: a helper such as `array::map` may not be inlined into the caller
-            // compiled for FMA, and `mul_add` outside it is a slow library call.
-            #[allow(clippy::needless_range_loop)]
-            for r in 0..R {
-                for c in 0..COLUMNS {
-                    sums[r][c] = gelu::<FMA>(sums[r][c]);
-                }
-            }
-        }
-        for (r, row) in sums.iter().enumerate() {
-            let out = &mut out[r * self.width..][..self.columns];
-            match residual {
-                Some(residual) => {
-                    let residual = &residual[r * self.width..][..self.columns];
-                    for ((o, &y), &res) in out.iter_mut().zip(row).zip(residual) {
-                        *o = y + res;
-                    }
-                }
-                None => out.copy_from_slice(&row[..self.columns]),
-            }
-        }
+/// Whether [`fuse_dense`] speeds up a CPU whose best kernels are `isa`'s. On x86-64 (AVX2 and
+/// FMA, AVX-512) it was measured. On aarch64 it is an estimate (docs/performance.md): the NEON
+/// kernel's inner loop reaches the FMA rate of tract's `8x8_gen` under llvm-mca's Cortex-A72
+/// and Neoverse-N1 (A76) models and saves tract's packing of the activations, but the in-order
+/// Cortex-A53 and A55 get tract's kernels scheduled for them. Elsewhere tract's kernels stay.
+pub fn beats_tract(isa: Isa) -> bool {
+    match isa {
+        Isa::Avx2 | Isa::Avx512 => true,
+        Isa::Neon => !in_order_arm_core(),
+        Isa::Portable => false,
     }
 }
 
-/// `x Φ(x)`, GELU in its erf form as tract's `GeluExact` computes it: erf from Abramowitz
-/// and Stegun's 7.1.28 (absolute error below 3e-7), `1 - 1 / p(|z|)^16`.
-#[inline(always)]
-#[allow(clippy::excessive_precision)]
-fn gelu<const FMA: bool>(x: f32) -> f32 {
-    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
-    let p = multiply_add::<FMA>(0.0000430638, z, 0.0002765672);
-    let p = multiply_add::<FMA>(p, z, 0.0001520143);
-    let p = multiply_add::<FMA>(p, z, 0.0092705272);
-    let p = multiply_add::<FMA>(p, z, 0.0422820123);
-    let p = multiply_add::<FMA>(p, z, 0.0705230784);
-    let p = multiply_add::<FMA>(p, z, 1.0);
-    let p2 = p * p;
-    let p4 = p2 * p2;
-    let p8 = p4 * p4;
-    let erf = (1.0 - 1.0 / (p8 * p8)).copysign(x);
-    0.5 * x * (1.0 + erf)
-}
-
-/// Whether [`fuse_dense`] speeds this CPU up: measured on x86-64 with AVX2 and FMA. On ARM,
-/// tract's kernels are tuned per core (Cortex-A53 and others), so they stay.
-pub fn beats_tract_here() -> bool {
-    has_avx2_fma()
+/// Whether this is an in-order Cortex-A53 or A55 (Pi 3, Pi Zero 2, many boards' little cores):
+/// the largest `CPU part` of /proc/cpuinfo, as tract reads it, or the core kind given to
+/// tract by `TRACT_CPU_AARCH64_KIND` (what qemu needs, since it shows the host's cpuinfo).
+fn in_order_arm_core() -> bool {
+    if let Ok(kind) = std::env::var("TRACT_CPU_AARCH64_KIND") {
+        return matches!(kind.to_ascii_lowercase().as_str(), "a53" | "a55");
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let parts = cpuinfo.lines().filter_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        let value = value.trim().strip_prefix("0x")?;
+        (key.trim() == "CPU part").then(|| u32::from_str_radix(value, 16).ok())?
+    });
+    matches!(parts.max(), Some(0xd03 | 0xd05))
 }
 
 /// Replace each f32 product of activations by a constant matrix in a decluttered model by
@@ -295,7 +245,7 @@ pub fn beats_tract_here() -> bool {
 /// that is `x [rows, depth] · W [depth, width]`, whatever the axes' names: the exporter's
 /// `amk,kn->mn`, the output projection's `mbk,bkn->amn` (heads and head size contracted
 /// together), torch's `MatMul`s, and its `Gemm`s, whose W is `[n, contracted]`.
-pub fn fuse_dense(model: &mut TypedModel) -> TractResult<usize> {
+pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
     let einsums: Vec<usize> = model
         .nodes()
         .iter()
@@ -332,6 +282,7 @@ pub fn fuse_dense(model: &mut TypedModel) -> TractResult<usize> {
         let weight = weight.try_as_plain_ram()?;
         let bias = bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
         let mut op = DenseLinear::new(
+            isa,
             weight.as_slice::<f32>()?,
             transposed,
             bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?,
@@ -481,7 +432,7 @@ fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(Outlet
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rows::on_two_threads;
+    use crate::ops::rows::on_two_threads;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
@@ -504,26 +455,30 @@ mod tests {
             (7, 16, 16),
             (13, 9, 33),
             (17, 64, 40),
+            (23, 5, 70),
             (325, 128, 100),
         ] {
             let x = values(rows * depth, 1);
             let w = values(depth * width, 2);
             let b = values(width, 3);
-            let op = DenseLinear::new(&w, false, Some(&b), depth, width, tvec![rows, width]);
-            let op = op.unwrap();
-            let mut out = vec![f32::NAN; rows * width];
-            on_two_threads(|| op.apply(&x, None, &mut out));
-            for r in 0..rows {
-                for c in 0..width {
-                    let expected: f64 = b[c] as f64
-                        + (0..depth)
-                            .map(|d| x[r * depth + d] as f64 * w[d * width + c] as f64)
-                            .sum::<f64>();
-                    let got = out[r * width + c] as f64;
-                    assert!(
-                        (got - expected).abs() <= 1e-5 * (1.0 + expected.abs()),
-                        "{rows}x{depth}x{width} at ({r}, {c}): {got} vs {expected}"
-                    );
+            for isa in Isa::available() {
+                let shape = tvec![rows, width];
+                let op = DenseLinear::new(isa, &w, false, Some(&b), depth, width, shape);
+                let op = op.unwrap();
+                let mut out = vec![f32::NAN; rows * width];
+                on_two_threads(|| op.apply(&x, None, &mut out));
+                for r in 0..rows {
+                    for c in 0..width {
+                        let expected: f64 = b[c] as f64
+                            + (0..depth)
+                                .map(|d| x[r * depth + d] as f64 * w[d * width + c] as f64)
+                                .sum::<f64>();
+                        let got = out[r * width + c] as f64;
+                        assert!(
+                            (got - expected).abs() <= 1e-5 * (1.0 + expected.abs()),
+                            "{isa}, {rows}x{depth}x{width} at ({r}, {c}): {got} vs {expected}"
+                        );
+                    }
                 }
             }
         }
@@ -596,23 +551,37 @@ mod tests {
                 (output.shape().to_vec(), values)
             };
             let expected = run(model.clone());
-            fuse_dense(&mut model).unwrap();
-            let fused = model
-                .nodes()
-                .iter()
-                .filter_map(|node| node.op_as::<DenseLinear>())
-                .map(|op| op.info().unwrap().join(" "))
-                .collect();
-            let got = run(model);
-            assert_eq!(got.0, expected.0, "{}", self.axes);
-            for (g, e) in got.1.iter().zip(&expected.1) {
-                let axes = self.axes;
-                assert!(
-                    (g - e).abs() <= 2e-5 * (1.0 + e.abs()),
-                    "{axes}: {g} vs {e}"
+            let mut descriptions = Vec::new();
+            for isa in Isa::available() {
+                let mut model = model.clone();
+                fuse_dense(&mut model, isa).unwrap();
+                let fused: Vec<String> = model
+                    .nodes()
+                    .iter()
+                    .filter_map(|node| node.op_as::<DenseLinear>())
+                    .map(|op| op.info().unwrap().join(" "))
+                    .collect();
+                let got = run(model);
+                assert_eq!(got.0, expected.0, "{}", self.axes);
+                for (g, e) in got.1.iter().zip(&expected.1) {
+                    let axes = self.axes;
+                    assert!(
+                        (g - e).abs() <= 2e-5 * (1.0 + e.abs()),
+                        "{isa}, {axes}: {g} vs {e}"
+                    );
+                }
+                // The description names the kernel; the rest is the same for every one.
+                let suffix = format!(", {isa}");
+                descriptions.push(
+                    fused
+                        .iter()
+                        .map(|d| d.strip_suffix(&suffix).unwrap().to_string())
+                        .collect::<Vec<_>>(),
                 );
             }
-            fused
+            descriptions.dedup();
+            assert_eq!(descriptions.len(), 1, "{descriptions:?}");
+            descriptions.pop().unwrap()
         }
     }
 

@@ -1,8 +1,8 @@
-//! What the runtime's own operators share: rewriting an f32 tensor row by row in place
-//! ([`crate::softmax`], [`crate::layer_norm`]), and spreading blocks of output rows over
-//! tract's threads ([`crate::attention`], [`crate::dense`]).
+//! What the runtime's own operators share: the portable block product, rewriting an f32
+//! tensor row by row in place ([`super::softmax`], [`super::layer_norm`]), and spreading
+//! blocks of output rows over tract's threads ([`super::attention`], [`super::dense`]).
 
-use crate::softmax::multiply_add;
+use crate::ops::softmax::multiply_add;
 use tract_onnx::tract_core::internal::*;
 
 /// Accumulator lanes: one AVX2 vector of f32 (two NEON vectors), which the compiler keeps in
@@ -11,18 +11,6 @@ pub(crate) const LANES: usize = 8;
 /// Columns of a weight panel (dense layers) or a key/value tile (attention): two AVX2 vectors
 /// (four NEON ones), so six rows of them take twelve of the sixteen AVX2 registers.
 pub(crate) const PANEL_WIDTH: usize = 2 * LANES;
-
-/// Whether the CPU runs the kernels' x86 paths (AVX2 and FMA); false off x86-64.
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// `start[r][l] + Σ_j rows[r][j] · panel[j][l]` over the panel's rows: the block product of
 /// attention's scores and context and of dense layers. Each panel row loaded feeds all `R`
@@ -73,10 +61,12 @@ pub(crate) fn update_rows(
 /// 50 µs of arithmetic, waking a second thread costs more than it saves.
 #[cfg(feature = "threads")]
 pub(crate) const PARALLEL_MACS: usize = 1 << 21;
-/// Shares per thread, as tract splits its own work, so a thread that wakes late takes fewer.
-/// (One share per thread measured no different on `video` and `deit-tiny`.)
+/// Shares per thread. One: each thread then reuses every panel of W (or tile of k and v) over
+/// the most rows, and the helpers spin between operators, so none starts late. At two threads
+/// on the AVX-512 host, one share per thread took `deit-tiny` from 13.2 to 12.0 ms and `video`
+/// from 4.0 to 3.6 ms against four (docs/performance.md).
 #[cfg(feature = "threads")]
-const SHARES_PER_THREAD: usize = 4;
+const SHARES_PER_THREAD: usize = 1;
 
 /// `f(first_row, rows)` over shares of `out`'s `row_len`-long rows, on tract's threads when
 /// `macs` reaches [`PARALLEL_MACS`]. Each share is a whole number of `block` rows: an operator
@@ -97,31 +87,30 @@ pub(crate) fn for_each_share(
     }
     #[cfg(feature = "threads")]
     {
-        use rayon::prelude::*;
         use tract_linalg::multithread::{Executor, current_tract_executor};
         let rows = out.len() / row_len.max(1);
         let executor = current_tract_executor();
-        let threads = match &executor {
+        let threads = match executor {
             _ if macs < PARALLEL_MACS => 1,
             Executor::MultiThread(pool) => pool.current_num_threads(),
             Executor::RayonGlobal => rayon::current_num_threads(),
             Executor::SingleThread => 1,
         };
-        let share = rows
-            .div_ceil(SHARES_PER_THREAD * threads)
-            .next_multiple_of(block);
+        let blocks = rows.div_ceil(block);
+        let share = blocks.div_ceil(SHARES_PER_THREAD * threads) * block;
         if threads < 2 || rows <= share {
             return f(0, out);
         }
-        let run = |out: &mut [f32]| {
-            out.par_chunks_mut(share * row_len)
-                .enumerate()
-                .for_each(|(index, rows)| f(index * share, rows))
+        // The calling thread takes shares too, beside `threads - 1` helpers (see `team`).
+        let shares = std::sync::Mutex::new(out.chunks_mut(share * row_len).enumerate());
+        let work = || {
+            loop {
+                let next = shares.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some((index, rows)) = next else { break };
+                f(index * share, rows);
+            }
         };
-        match executor {
-            Executor::MultiThread(pool) => pool.install(|| run(out)),
-            _ => run(out),
-        }
+        super::team::run_on(threads.min(rows.div_ceil(share)), &work);
     }
 }
 
