@@ -1,13 +1,13 @@
 //! The threads that help the calling thread through one operator: a job is handed to helpers
 //! that spin between jobs for a while instead of sleeping, and the calling thread works on it
 //! too. A rayon pool (what tract's own operators run on) wakes a sleeping thread for every
-//! operator and leaves the caller waiting: on `deit-tiny` at two threads that cost about a
-//! third of what the second core gained.
+//! operator and leaves the caller waiting: the second core gained `deit-tiny` 1.35× that way,
+//! and about 1.65× with these helpers (docs/performance.md).
 
 use std::cell::UnsafeCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long a helper spins for the next job before it sleeps: longer than the gaps between
@@ -160,12 +160,15 @@ static TEAM: OnceLock<Mutex<Option<Team>>> = OnceLock::new();
 /// thread alone while another operator holds the team (two models run from two threads).
 pub(crate) fn run_on(threads: usize, work: &(dyn Fn() + Sync)) {
     let team = TEAM.get_or_init(|| Mutex::new(None));
-    let Ok(mut team) = team.try_lock() else {
-        return work();
+    let mut team = match team.try_lock() {
+        Ok(team) => team,
+        // A panic inside an earlier job (reported to its caller) leaves the team usable.
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return work(),
     };
     if team.as_ref().is_none_or(|t| t.helpers != threads - 1) {
-        // The old helpers spin out and sleep for good: thread counts change at start-up and
-        // in tests, not per frame.
+        // Dropping the old team ends its helpers: thread counts change at start-up and in
+        // tests, not per frame.
         *team = Some(Team::new(threads - 1));
     }
     team.as_ref().unwrap().run(work);
@@ -233,6 +236,35 @@ mod tests {
                 "round {round}: the helper skipped the job"
             );
         }
+    }
+
+    /// A panic in a helper's part reaches the caller, and the team works on afterwards.
+    #[test]
+    fn a_helpers_panic_reaches_the_caller() {
+        let team = Team::new(1);
+        let next = AtomicUsize::new(0);
+        let caller = std::thread::current().id();
+        let work = || {
+            while next.fetch_add(1, SeqCst) < 2 {
+                if std::thread::current().id() != caller {
+                    panic!("a helper's part fails");
+                }
+                // The caller's part waits for the helper to take the other.
+                let started = Instant::now();
+                while next.load(SeqCst) < 2 && started.elapsed() < Duration::from_secs(5) {
+                    std::hint::spin_loop();
+                }
+            }
+        };
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| team.run(&work)));
+        let message = outcome.unwrap_err();
+        let message = message.downcast_ref::<&str>().copied().unwrap_or_default();
+        assert_eq!(message, "an inference helper thread panicked");
+        let done = AtomicUsize::new(0);
+        team.run(&|| {
+            done.fetch_add(1, SeqCst);
+        });
+        assert!(done.load(SeqCst) >= 1);
     }
 
     /// A second caller while the team is busy runs its job alone, and a nested one too.
