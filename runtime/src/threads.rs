@@ -8,6 +8,10 @@ pub struct ThreadsError {
     reason: String,
 }
 
+/// More inference threads than any board this runs on has cores: a larger count is a mistake
+/// (65 535 was accepted and tried to start that many threads).
+pub const MAX_THREADS: usize = 256;
+
 /// Run tract's matrix products on `threads` cores; 0 means one per physical core, 1 the calling
 /// thread only. Returns the count in effect.
 ///
@@ -21,6 +25,12 @@ pub fn set_threads(threads: usize) -> Result<usize, ThreadsError> {
         0 => physical_cores(),
         n => n,
     };
+    if threads > MAX_THREADS {
+        return Err(ThreadsError {
+            threads,
+            reason: format!("at most {MAX_THREADS} are supported"),
+        });
+    }
     let executor = if threads == 1 {
         Executor::SingleThread
     } else {
@@ -88,6 +98,16 @@ mod tests {
         assert_eq!(set_threads(1).unwrap(), 1);
         let error = set_threads(4).unwrap_err().to_string();
         assert!(error.contains("single-threaded"), "{error}");
+    }
+
+    #[test]
+    #[cfg(feature = "threads")]
+    fn an_absurd_thread_count_is_refused() {
+        let error = set_threads(65_535).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "cannot start 65535 inference threads: at most 256 are supported"
+        );
     }
 
     #[test]
