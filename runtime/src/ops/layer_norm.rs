@@ -9,12 +9,11 @@
 //! inverse-deviation outputs) keep tract's own expansion.
 
 use crate::ops::Isa;
+use crate::ops::patterns::{constant_operand, is_bin};
 use crate::ops::rows::{LANES, update_rows};
-use crate::ops::softmax::row_kernel;
 use std::sync::OnceLock;
 use tract_onnx::model::{Onnx, ParsingContext};
 use tract_onnx::pb::NodeProto;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::cast;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 use tract_onnx::tract_hir::internal::*;
@@ -98,7 +97,7 @@ impl Expansion for LastAxisLayerNormExpansion {
         }
         let op = LastAxisLayerNorm {
             epsilon_bits: self.epsilon.to_bits(),
-            isa: row_kernel(Isa::best()),
+            isa: Isa::best().for_rows(),
         };
         let dt = fact.datum_type;
         if dt == f32::datum_type() {
@@ -129,7 +128,7 @@ pub struct LastAxisLayerNorm {
 pub fn use_isa(model: &mut TypedModel, isa: Isa) {
     for node in &mut model.nodes {
         if let Some(op) = node.op_as_mut::<LastAxisLayerNorm>() {
-            op.isa = row_kernel(isa);
+            op.isa = isa.for_rows();
         }
     }
 }
@@ -209,7 +208,7 @@ pub fn fuse_decomposed(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
         let bias = patch.add_const(format!("{name}.bias"), vector(found.bias, 0.0)?)?;
         let op = LastAxisLayerNorm {
             epsilon_bits: found.epsilon.to_bits(),
-            isa: row_kernel(isa),
+            isa: isa.for_rows(),
         };
         let wire = patch.wire_node(&name, op, &[x, scale, bias])?[0];
         patch.shunt_outside(model, found.last.into(), wire)?;
@@ -291,33 +290,6 @@ fn match_decomposed(model: &TypedModel, norm: usize) -> TractResult<Option<Decom
         found.last = next.id;
     }
     Ok(Some(found))
-}
-
-fn is_bin(node: &TypedNode, name: &str) -> bool {
-    node.op_as::<TypedBinOp>()
-        .is_some_and(|bin| bin.0.name() == name)
-        && node.inputs.len() == 2
-}
-
-/// The computed operand and the constant one of `node`, if it is the binary `name` of a
-/// computed value and a constant.
-fn constant_operand(
-    model: &TypedModel,
-    node: &TypedNode,
-    name: &str,
-) -> TractResult<Option<(OutletId, Arc<Tensor>)>> {
-    if !is_bin(node, name) {
-        return Ok(None);
-    }
-    let facts = [
-        model.outlet_fact(node.inputs[0])?,
-        model.outlet_fact(node.inputs[1])?,
-    ];
-    Ok(match (&facts[0].konst, &facts[1].konst) {
-        (None, Some(constant)) => Some((node.inputs[0], constant.clone())),
-        (Some(constant), None) => Some((node.inputs[1], constant.clone())),
-        _ => None,
-    })
 }
 
 /// Layer-normalise each `scale.len()` row of `rows` in place, on `isa`'s kernel.

@@ -12,6 +12,7 @@ pub mod attention;
 mod avx512;
 pub mod dense;
 pub mod layer_norm;
+mod patterns;
 mod rows;
 pub mod softmax;
 #[cfg(feature = "threads")]
@@ -31,20 +32,37 @@ pub(crate) struct AlignedBuffer {
 }
 
 impl AlignedBuffer {
-    const ALIGN: usize = 64;
-
     pub(crate) fn zeroed(len: usize) -> AlignedBuffer {
-        let storage = vec![0f32; len + Self::ALIGN / 4];
-        let start = storage
-            .as_ptr()
-            .align_offset(Self::ALIGN)
-            .min(Self::ALIGN / 4);
+        let storage = vec![0f32; len + ALIGN_FLOATS];
+        let start = aligned_start(&storage);
         AlignedBuffer {
             storage,
             start,
             len,
         }
     }
+}
+
+/// A 64-byte boundary in floats.
+const ALIGN_FLOATS: usize = 64 / size_of::<f32>();
+
+/// The index of the first value of `storage` on a 64-byte boundary (at most [`ALIGN_FLOATS`]
+/// - 1, since the values are 4-byte aligned).
+fn aligned_start(storage: &[f32]) -> usize {
+    storage
+        .as_ptr()
+        .align_offset(ALIGN_FLOATS * size_of::<f32>())
+        .min(ALIGN_FLOATS)
+}
+
+/// `len` values of a reused `buffer` from a 64-byte boundary, as [`AlignedBuffer`] holds
+/// them; the buffer grows to hold them and otherwise keeps what it held.
+pub(crate) fn aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len + ALIGN_FLOATS {
+        buffer.resize(len + ALIGN_FLOATS, 0.0);
+    }
+    let start = aligned_start(buffer);
+    &mut buffer[start..][..len]
 }
 
 impl Deref for AlignedBuffer {
@@ -125,6 +143,16 @@ impl Isa {
     /// The instruction sets this CPU runs, lowest first.
     pub fn available() -> Vec<Isa> {
         Isa::ALL.into_iter().filter(|isa| isa.runs_here()).collect()
+    }
+
+    /// The kernel a row operator (the softmax, the LayerNorm) runs where `self` is the best:
+    /// rows of a few hundred values are memory-bound, so AVX-512 runs the AVX2 kernel, and
+    /// aarch64 the portable one (which the compiler vectorises with NEON).
+    pub(crate) fn for_rows(self) -> Isa {
+        match self {
+            Isa::Avx2 | Isa::Avx512 => Isa::Avx2,
+            Isa::Portable | Isa::Neon => Isa::Portable,
+        }
     }
 
     /// The best instruction set this CPU runs.

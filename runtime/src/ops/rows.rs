@@ -1,6 +1,6 @@
 //! What the runtime's own operators share: the portable block product, rewriting an f32
 //! tensor row by row in place ([`super::softmax`], [`super::layer_norm`]), and spreading
-//! blocks of output rows over tract's threads ([`super::attention`], [`super::dense`]).
+//! blocks of output rows over the inference threads ([`super::attention`], [`super::dense`]).
 
 use crate::ops::softmax::multiply_add;
 use tract_onnx::tract_core::internal::*;
@@ -68,8 +68,9 @@ pub(crate) const PARALLEL_MACS: usize = 1 << 21;
 #[cfg(feature = "threads")]
 const SHARES_PER_THREAD: usize = 1;
 
-/// `f(first_row, rows)` over shares of `out`'s `row_len`-long rows, on tract's threads when
-/// `macs` reaches [`PARALLEL_MACS`]. Each share is a whole number of `block` rows: an operator
+/// `f(first_row, rows)` over shares of `out`'s `row_len`-long rows, on as many threads as
+/// tract's executor has (the calling one and the `team`'s helpers) when `macs` reaches
+/// [`PARALLEL_MACS`]. Each share is a whole number of `block` rows: an operator
 /// computing `block` rows at a time would otherwise run a partial block in most shares (tract's
 /// split of 25 rows into blocks of 6 computes 30). A build without the `threads` feature
 /// computes every row on the calling thread.

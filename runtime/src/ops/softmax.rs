@@ -82,22 +82,12 @@ pub fn use_row_softmax(model: &mut TypedModel, isa: Isa) -> usize {
         {
             node.op = Box::new(RowSoftmax {
                 original: softmax.clone(),
-                isa: row_kernel(isa),
+                isa: isa.for_rows(),
             });
             replaced += 1;
         }
     }
     replaced
-}
-
-/// The kernel a row operator (this softmax, the LayerNorm) runs for the best instruction set
-/// `isa`: rows of a few hundred values are memory-bound, so AVX-512 runs the AVX2 kernel, and
-/// aarch64 the portable one (which the compiler vectorises with NEON).
-pub(crate) fn row_kernel(isa: Isa) -> Isa {
-    match isa {
-        Isa::Avx2 | Isa::Avx512 => Isa::Avx2,
-        Isa::Portable | Isa::Neon => Isa::Portable,
-    }
 }
 
 /// Softmax of each `row_len` row of `rows`, in place, on `isa`'s kernel.

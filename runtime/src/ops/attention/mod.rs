@@ -11,10 +11,10 @@
 
 use std::cell::RefCell;
 
-use crate::ops::Isa;
+use crate::ops::patterns::{constant_operand, is_bin};
 use crate::ops::rows::for_each_share;
+use crate::ops::{Isa, aligned};
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
@@ -189,7 +189,8 @@ impl Panels<'_> {
     }
 }
 
-/// `output = softmax(scale · q kᵀ) v` per head, the query rows spread over tract's threads.
+/// `output = softmax(scale · q kᵀ) v` per head, the query rows spread over the inference
+/// threads.
 fn attend(
     shape: Shape,
     scale: f32,
@@ -233,16 +234,6 @@ fn attend(
         });
         Ok(())
     })
-}
-
-/// `len` values of `buffer` from a 64-byte boundary (see `ops::AlignedBuffer`), which grows
-/// to hold them and otherwise keeps what it held.
-fn aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len + 16 {
-        buffer.resize(len + 16, 0.0);
-    }
-    let start = buffer.as_ptr().align_offset(64).min(16);
-    &mut buffer[start..][..len]
 }
 
 /// Rearranges k and v into `buffer` (see [`Panels`]).
@@ -406,27 +397,15 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
         return Ok(None);
     }
     let (mut scores, mut scale) = (model.node(node.inputs[0].node), 1.0);
-    if let Some(bin) = scores.op_as::<TypedBinOp>()
-        && bin.0.name() == "Mul"
-        && scores.outputs[0].successors.len() == 1
-    {
-        let constant = scores
-            .inputs
-            .iter()
-            .position(|i| model.outlet_fact(*i).is_ok_and(|f| f.konst.is_some()));
-        let Some(constant) = constant else {
+    if is_bin(scores, "Mul") && scores.outputs[0].successors.len() == 1 {
+        let Some((product, value)) = constant_operand(model, scores, "Mul")? else {
             return Ok(None);
         };
-        let value = model
-            .outlet_fact(scores.inputs[constant])?
-            .konst
-            .clone()
-            .unwrap();
         if value.len() != 1 || value.datum_type() != f32::datum_type() {
             return Ok(None);
         }
         scale = value.cast_to_scalar::<f32>()?;
-        scores = model.node(scores.inputs[1 - constant].node);
+        scores = model.node(product.node);
     }
     let Some(([q_axes, k_axes], form)) = einsum_form(model, scores)? else {
         return Ok(None);

@@ -5,17 +5,17 @@
 //! `video` preset the packing alone was 7 % of the inference, and the product scaled poorly
 //! to a second core. [`DenseLinear`] rearranges W once, at load, into column panels, and its
 //! kernel reads the activations' rows where they are: each step broadcasts one value from
-//! each of [`ROWS`] rows against one row of a panel, so the block of products stays in
+//! each row of a block against one row of a panel, so the block of products stays in
 //! registers and the bias is where the sums start. [`fuse_dense`] puts it in place of each
 //! f32 EinSum with a constant right-hand side (and the bias Add after it) in a decluttered
 //! model.
 
 use std::sync::Arc;
 
+use crate::ops::patterns::is_bin;
 use crate::ops::rows::for_each_share;
 use crate::ops::{AlignedBuffer, Isa};
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::GeluExact;
@@ -174,7 +174,7 @@ impl TypedOp for DenseLinear {
 }
 
 impl DenseLinear {
-    /// `y` for `x` of whole rows, the rows spread over tract's threads.
+    /// `y` for `x` of whole rows, the rows spread over the inference threads.
     fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         let macs = x.len() * self.width;
         let (block, _) = Self::block(self.isa, self.width);
@@ -378,13 +378,10 @@ fn add_after(model: &TypedModel, node: usize) -> TractResult<Option<(usize, Outl
     let Some(add) = model.single_succ(node)? else {
         return Ok(None);
     };
-    let is_add = add
-        .op_as::<TypedBinOp>()
-        .is_some_and(|bin| bin.0.name() == "Add");
     let same_shape = add.outputs[0].fact.shape == model.node(node).outputs[0].fact.shape;
     let other = add.inputs.iter().copied().find(|i| i.node != node);
     match other {
-        Some(other) if is_add && same_shape && add.inputs.len() == 2 => Ok(Some((add.id, other))),
+        Some(other) if is_bin(add, "Add") && same_shape => Ok(Some((add.id, other))),
         _ => Ok(None),
     }
 }

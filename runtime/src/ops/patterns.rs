@@ -1,0 +1,32 @@
+//! What the fusions read in a decluttered graph, shared by the operators' matchers.
+
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+
+/// Whether `node` is the binary operator `name` (Add, Mul, Sub…) of two inputs.
+pub(crate) fn is_bin(node: &TypedNode, name: &str) -> bool {
+    node.op_as::<TypedBinOp>()
+        .is_some_and(|bin| bin.0.name() == name)
+        && node.inputs.len() == 2
+}
+
+/// The computed operand and the constant one of `node`, if it is the binary `name` of a
+/// computed value and a constant.
+pub(crate) fn constant_operand(
+    model: &TypedModel,
+    node: &TypedNode,
+    name: &str,
+) -> TractResult<Option<(OutletId, Arc<Tensor>)>> {
+    if !is_bin(node, name) {
+        return Ok(None);
+    }
+    let facts = [
+        model.outlet_fact(node.inputs[0])?,
+        model.outlet_fact(node.inputs[1])?,
+    ];
+    Ok(match (&facts[0].konst, &facts[1].konst) {
+        (None, Some(constant)) => Some((node.inputs[0], constant.clone())),
+        (Some(constant), None) => Some((node.inputs[1], constant.clone())),
+        _ => None,
+    })
+}
