@@ -1,22 +1,25 @@
 """The onnxruntime side of the precision table: quantize a model with onnxruntime's own
-`quantize_static` (QDQ, per-channel int8 weights, its default uint8 activations) calibrated on
-the same images `runtime quantize` uses, then time f32 and int8 under onnxruntime and,
-optionally, measure the int8 model's accuracy on a folder-per-class test set.
+`quantize_dynamic` (its defaults: int8 weights per tensor, uint8 activations from their range at
+each run) and `quantize_static` (QDQ, per-channel int8 weights, uint8 activations calibrated on
+the images of CALIB_DIR), then time f32 and both int8 files under onnxruntime and, optionally,
+measure the int8 files' accuracy on a folder-per-class test set. The runtime reads both files
+too (tests/precision_table.sh times and scores them there).
 
 Optional to run (needs PyPI packages):
     python3 -m venv .venv-peers && .venv-peers/bin/pip install onnx onnxruntime numpy pillow
-    .venv-peers/bin/python tests/ort_quantize.py MODEL.onnx OUT.int8.onnx CALIB_DIR \
+    .venv-peers/bin/python tests/ort_quantize.py MODEL.onnx OUT_PREFIX CALIB_DIR \
         [--test TEST_DIR] [--runs N]
 
-Prints one JSON object: file sizes, median ms at 1 and 2 threads for f32 and int8, accuracy.
-Preprocessing follows the model's `vit.*` metadata (squash resize, mean/std), as `runtime` does;
-the calibration images are chosen as `runtime quantize` chooses them (sorted, evenly thinned)."""
+Writes OUT_PREFIX.dynamic.onnx and OUT_PREFIX.qdq.onnx. Prints one JSON object: file sizes,
+median ms at 1 and 2 threads for each file, accuracies. Preprocessing follows the model's `vit.*`
+metadata (squash resize, mean/std), as `runtime` does; the calibration images are at most
+--max-images, sorted and evenly thinned."""
 import argparse, json, os, time
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                      quantize_static)
+                                      quantize_dynamic, quantize_static)
 from PIL import Image
 
 EXTENSIONS = {"png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"}
@@ -60,7 +63,9 @@ class Reader(CalibrationDataReader):
         return None if path is None else {"pixel_values": tensor(path)}
 
 
-quantize_static(args.model, args.out, Reader(images_under(args.calibrate, args.max_images)),
+files = {"f32": args.model, "dynamic": args.out + ".dynamic.onnx", "qdq": args.out + ".qdq.onnx"}
+quantize_dynamic(args.model, files["dynamic"], weight_type=QuantType.QInt8)
+quantize_static(args.model, files["qdq"], Reader(images_under(args.calibrate, args.max_images)),
                 quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8)
 
 
@@ -82,21 +87,22 @@ def median_ms(s):
     return sorted(times)[len(times) // 2]
 
 
-report = {"onnxruntime": ort.__version__,
-          "bytes": {"f32": os.path.getsize(args.model), "int8": os.path.getsize(args.out)},
+report = {"onnxruntime": ort.__version__, "files": files,
+          "bytes": {name: os.path.getsize(path) for name, path in files.items()},
           "median_ms": {f"{name} {threads}t": median_ms(session(path, threads))
-                        for name, path in (("f32", args.model), ("int8", args.out))
-                        for threads in (1, 2)}}
+                        for name, path in files.items() for threads in (1, 2)}}
 if args.test:
     classes = sorted(d for d in os.listdir(args.test) if os.path.isdir(os.path.join(args.test, d)))
     labels = json.loads(meta["vit.labels"])
-    s = session(args.out, 2)
-    right = total = 0
-    for name in classes:
-        for path in images_under(os.path.join(args.test, name), 10**9):
-            logits = s.run([s.get_outputs()[0].name], {"pixel_values": tensor(path)})[0]
-            right += labels[int(np.argmax(logits))] == name
-            total += 1
-    report["int8_accuracy"] = right / total
+    report["accuracy"] = {}
+    for variant in ("dynamic", "qdq"):
+        s = session(files[variant], 2)
+        right = total = 0
+        for name in classes:
+            for path in images_under(os.path.join(args.test, name), 10**9):
+                logits = s.run([s.get_outputs()[0].name], {"pixel_values": tensor(path)})[0]
+                right += labels[int(np.argmax(logits))] == name
+                total += 1
+        report["accuracy"][variant] = right / total
     report["test_images"] = total
 print(json.dumps(report))

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The README's precision table, measured in one sitting: for each model, file size, accuracy on
-# a labelled folder (optional) and median inference ms at 1 and 2 threads, for tract at f32,
-# f16, int8 (`runtime quantize`) and int8 weights only (`--weights-only`), and for onnxruntime
-# at f32 and with its own `quantize_static` (tests/ort_quantize.py).
+# The precision table of docs/precision.md, measured in one sitting: for each model, file size,
+# accuracy on a labelled folder (optional) and median inference ms at 1 and 2 threads, for the
+# runtime at f32, f16, int8 (`runtime quantize`; also with the AVX2 kernel forced where the CPU
+# has a VNNI one) and int8 weights only (`--weights-only`), for the runtime on onnxruntime's own
+# int8 files (`quantize_dynamic` and `quantize_static`, tests/ort_quantize.py), and for
+# onnxruntime on the f32 file and on both of those.
 #
 #   tests/precision_table.sh CALIB_DIR MODEL.onnx[=TEST_DIR] …
 #
-# TEST_DIR (folder-per-class) adds the accuracy column for that model.
+# TEST_DIR (folder-per-class) adds the accuracy column for that model. CALIB_DIR is for
+# onnxruntime's quantize_static; `runtime quantize` needs no calibration.
 # Needs a release build (cargo build --release -p runtime) and, for the onnxruntime columns,
 # the .venv-peers of tests/ort_quantize.py (PEERS_PYTHON overrides its path).
 set -euo pipefail
@@ -18,8 +21,9 @@ runs=${RUNS:-200}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-median() { # model precision threads
-  "$runtime" bench --model "$1" ${2:+--precision "$2"} --threads "$3" --runs "$runs" --json |
+median() { # model precision threads [isa]
+  "$runtime" bench --model "$1" ${2:+--precision "$2"} --threads "$3" ${4:+--isa "$4"} \
+    --runs "$runs" --json |
     python3 -c 'import json, sys; print("%.3f" % json.load(sys.stdin)["inference"]["median_ms"])'
 }
 accuracy() { # model precision
@@ -35,23 +39,34 @@ for spec in "$@"; do
   test_dir=""
   [[ $spec == *=* ]] && test_dir=${spec#*=}
   name=$(basename "$(dirname "$model")")/$(basename "$model")
-  "$runtime" quantize "$model" --calibrate "$calibrate" -o "$work/int8.onnx" >/dev/null
+  "$runtime" quantize "$model" -o "$work/int8.onnx" >/dev/null
   "$runtime" quantize "$model" --weights-only -o "$work/weights.onnx" >/dev/null
-  for variant in "f32:$model:" "f16:$model:f16" "int8:$work/int8.onnx:" "int8 weights, f32 compute:$work/weights.onnx:"; do
-    IFS=: read -r label file precision <<<"$variant"
-    echo "| $name | tract $label | $(stat -c %s "$file") | $(accuracy "$file" "$precision") |" \
-      "$(median "$file" "$precision" 1) | $(median "$file" "$precision" 2) |"
-  done
+  variants=("f32:$model::" "f16:$model:f16:" "int8:$work/int8.onnx::")
+  if "$runtime" info --json | grep -q '"avx512-vnni"\|"avx-vnni"'; then
+    variants+=("int8, AVX2 kernel forced:$work/int8.onnx::avx2")
+  fi
+  variants+=("int8 weights, f32 compute:$work/weights.onnx::")
   if [[ -x $python ]]; then
-    report=$("$python" tests/ort_quantize.py "$model" "$work/ort.onnx" "$calibrate" \
+    report=$("$python" tests/ort_quantize.py "$model" "$work/ort" "$calibrate" \
       ${test_dir:+--test "$test_dir"} --runs "$runs" 2>/dev/null)
+    variants+=("int8 on onnxruntime's quantize_dynamic file:$work/ort.dynamic.onnx::")
+    variants+=("int8 on onnxruntime's quantize_static (QDQ) file:$work/ort.qdq.onnx::")
+  fi
+  for variant in "${variants[@]}"; do
+    IFS=: read -r label file precision isa <<<"$variant"
+    echo "| $name | runtime $label | $(stat -c %s "$file") | $(accuracy "$file" "$precision") |" \
+      "$(median "$file" "$precision" 1 "$isa") | $(median "$file" "$precision" 2 "$isa") |"
+  done
+  if [[ -n ${report:-} ]]; then
     python3 - "$name" "$report" <<'EOF'
 import json, sys
 name, r = sys.argv[1], json.loads(sys.argv[2])
-m, b = r["median_ms"], r["bytes"]
-accuracy = f'{100 * r["int8_accuracy"]:.2f} %' if "int8_accuracy" in r else "–"
-print(f'| {name} | onnxruntime {r["onnxruntime"]} f32 | {b["f32"]} | – | {m["f32 1t"]:.3f} | {m["f32 2t"]:.3f} |')
-print(f'| {name} | onnxruntime quantize_static int8 | {b["int8"]} | {accuracy} | {m["int8 1t"]:.3f} | {m["int8 2t"]:.3f} |')
+m, b, a = r["median_ms"], r["bytes"], r.get("accuracy", {})
+label = {"f32": "f32", "dynamic": "quantize_dynamic int8", "qdq": "quantize_static (QDQ) int8"}
+for variant in ("f32", "dynamic", "qdq"):
+    accuracy = f'{100 * a[variant]:.2f} %' if variant in a else "–"
+    print(f'| {name} | onnxruntime {r["onnxruntime"]} {label[variant]} | {b[variant]} | {accuracy} | '
+          f'{m[variant + " 1t"]:.3f} | {m[variant + " 2t"]:.3f} |')
 EOF
   fi
 done

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The runtime on ARM, checked under qemu-user against this machine's build: the same top-1 and
 # logits within 1e-4 on sample images, and the matmul kernels tract picks per emulated CPU. On
-# the Cortex-A76 also f16 (native fp16 there, f16 storage on x86) and the int8 model: the same
-# top-1 as x86 at that precision, and their kernels.
+# the Cortex-A76 also f16 (native fp16 there, f16 storage on x86), and on every core the int8
+# model: the same top-1 as x86 at that precision, and their kernels.
 #
 #   tests/qemu.sh [aarch64] [armv7]        (default: both)
 #
@@ -95,12 +95,19 @@ for arch in "${archs[@]}"; do
         qemu="qemu-aarch64 -L /usr/aarch64-linux-gnu"
         # Pi 3 / Zero 2 (A53, tract's tuned kernels), Pi 4 (A72), Pi 5 (A76). tract has no A76
         # kind; its A75 kind is the one that knows the fp16 and dot-product extensions A76 has.
+        a53="env TRACT_CPU_AARCH64_KIND=a53 $qemu -cpu cortex-a53 $bin"
+        a72="env TRACT_CPU_AARCH64_KIND=a72 $qemu -cpu cortex-a72 $bin"
         a76="env TRACT_CPU_AARCH64_KIND=a75 $qemu -cpu cortex-a76 $bin"
-        check aarch64-cortex-a53 env TRACT_CPU_AARCH64_KIND=a53 $qemu -cpu cortex-a53 $bin
-        check aarch64-cortex-a72 env TRACT_CPU_AARCH64_KIND=a72 $qemu -cpu cortex-a72 $bin
+        check aarch64-cortex-a53 $a53
+        check aarch64-cortex-a72 $a72
         check aarch64-cortex-a76 $a76
         check_at f16 0.05 aarch64-cortex-a76-f16 $a76
-        check_at int8 0.05 aarch64-cortex-a76-int8 $a76
+        # int8: the runtime's NEON kernel on the A53 and A72, its SDOT kernel on the A76. The
+        # logits may differ from x86's by more than f32's: an x86 host with AVX2 and no VNNI
+        # quantizes activations to 7 bits (0.09 from the 8 bits of the others, measured).
+        check_at int8 0.15 aarch64-cortex-a53-int8 $a53
+        check_at int8 0.15 aarch64-cortex-a72-int8 $a72
+        check_at int8 0.15 aarch64-cortex-a76-int8 $a76
         ;;
     armv7)
         bin=$(cross_build armv7-unknown-linux-gnueabihf)

@@ -146,33 +146,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Make an int8 copy of a float model, calibrated on real images.
+    /// Make an int8 copy of a float model: nothing to calibrate.
     ///
-    /// Static post-training quantization: each MatMul with constant weights gets int8 weights
-    /// (symmetric, per output channel) and int8 inputs (asymmetric, per tensor, ranges measured
-    /// on the calibration images) and runs on tract's integer kernels; LayerNorm, softmax, GELU
-    /// and the attention products stay f32. Run the result like any model (`--model`), and
-    /// measure what it costs with `runtime eval`.
+    /// Each MatMul with constant weights gets int8 weights (symmetric, per output channel) and
+    /// is written as standard ONNX's DynamicQuantizeLinear → MatMulInteger, as onnxruntime's
+    /// quantize_dynamic writes it; the runtime runs it on its own int8 operator, which
+    /// quantizes each row of activations at each run. LayerNorm, softmax, GELU and the
+    /// attention products stay f32. Run the result like any model (`--model`), and measure
+    /// what it costs with `runtime eval`.
     Quantize {
         /// The float model (default: the embedded one).
         #[arg(value_name = "MODEL")]
         model_path: Option<PathBuf>,
         #[command(flatten)]
         model: ModelArgs,
-        /// Images like those the model will see (any folder depth, e.g. a training set).
-        #[arg(
-            long,
-            value_name = "IMAGE_DIR",
-            required_unless_present = "weights_only"
-        )]
-        calibrate: Option<PathBuf>,
         /// Only store the weights as int8 (dequantized at load): a file about 4× smaller that
-        /// computes in f32 at f32 speed. Needs no calibration.
-        #[arg(long, conflicts_with = "calibrate")]
+        /// computes in f32 at f32 speed.
+        #[arg(long)]
         weights_only: bool,
-        /// Use at most this many images, spread evenly over the folder.
-        #[arg(long, default_value_t = 500)]
-        max_images: usize,
         /// Where to write the int8 ONNX file.
         #[arg(short, long)]
         out: PathBuf,
@@ -232,9 +223,9 @@ struct ModelArgs {
     /// arithmetic on aarch64 with fp16 (Cortex-A76 and later), a storage format elsewhere.
     #[arg(long)]
     precision: Option<Precision>,
-    /// Instruction set of the runtime's own operators' kernels: portable, neon (aarch64), avx2
-    /// or avx512 (x86-64).
-    /// Default: the RUNTIME_ISA environment variable, else the best this CPU runs. A lower one
+    /// Instruction set of the runtime's own operators' kernels: portable; neon or neon-dot
+    /// (aarch64, the latter with SDOT); avx2, avx-vnni, avx512 or avx512-vnni (x86-64). The
+    /// VNNI and dot-product sets change only the int8 kernels. Default: the RUNTIME_ISA environment variable, else the best this CPU runs. A lower one
     /// is for testing and comparing kernels on one machine; one the CPU lacks is an error.
     #[arg(long)]
     isa: Option<runtime::Isa>,
@@ -346,14 +337,12 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Quantize {
             model_path,
             mut model,
-            calibrate,
-            weights_only: _,
-            max_images,
+            weights_only,
             out,
             json,
         } => {
             model.model = model_path.or(model.model);
-            quantize(&model, calibrate.as_deref(), max_images, &out, json).map(|_| true)
+            quantize(&model, weights_only, &out, json).map(|_| true)
         }
         Command::Stream {
             input,
@@ -661,16 +650,7 @@ fn info(args: &ModelArgs, graph: bool, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn quantize(
-    args: &ModelArgs,
-    calibrate: Option<&Path>,
-    max_images: usize,
-    out: &Path,
-    json: bool,
-) -> Result<()> {
-    let images = calibrate
-        .map(|dir| runtime::quantize::calibration_images(dir, max_images))
-        .transpose()?;
+fn quantize(args: &ModelArgs, weights_only: bool, out: &Path, json: bool) -> Result<()> {
     let (bytes, source) = match &args.model {
         Some(path) => (
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
@@ -683,9 +663,9 @@ fn quantize(
     };
     let options = args.options(false)?;
     let started = Instant::now();
-    let (int8, report) = match &images {
-        Some(images) => runtime::quantize::quantize(&bytes, &options, images),
-        None => runtime::quantize::quantize_weights(&bytes, &options),
+    let (int8, report) = match weights_only {
+        false => runtime::quantize::quantize(&bytes, &options),
+        true => runtime::quantize::quantize_weights(&bytes, &options),
     }
     .with_context(|| format!("quantizing {source}"))?;
     runtime::write_atomic(out, &int8).with_context(|| format!("writing {}", out.display()))?;
@@ -705,23 +685,17 @@ fn quantize(
             }))?
         );
     } else {
-        if images.is_none() {
+        if weights_only {
             println!(
                 "wrote {}: weights stored int8, computed in f32",
                 out.display()
             );
         } else {
             println!(
-                "wrote {}: {} products on int8, {} left float; calibrated on {} images{} in {:.1} s",
+                "wrote {}: {} products on int8, {} left float, in {:.1} s",
                 out.display(),
                 report.int8_products,
                 report.float_products,
-                report.calibration_images,
-                if report.skipped_images > 0 {
-                    format!(" ({} unreadable skipped)", report.skipped_images)
-                } else {
-                    String::new()
-                },
                 started.elapsed().as_secs_f64()
             );
         }

@@ -29,5 +29,5 @@ pub const VAL_EPOCH: &str = "vit.val_epoch";
 /// block's softmax weights averaged over heads, token 0 = CLS) for `runtime explain`.
 pub const ATTENTION: &str = "vit.attention";
 /// Present in files written by `runtime quantize`: JSON of the int8 scheme (weights,
-/// activations, calibration) and which products it covers.
+/// activations) and which products it covers.
 pub const QUANTIZATION: &str = "vit.quantization";

@@ -97,6 +97,15 @@ pub struct Model {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Operators that quantize activations: a file with any of them computes in int8.
+const QUANTIZING_OPS: [&str; 5] = [
+    "DynamicQuantizeLinear",
+    "QuantizeLinear",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "ConvInteger",
+];
+
 impl Model {
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model, ModelError> {
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
@@ -111,9 +120,16 @@ impl Model {
         let (isa, isa_forced) = Isa::choose(options.isa)?;
         let mut onnx = tract_onnx::onnx();
         // Parse the protobuf first so a non-ONNX file gets its own error, not a tract trace.
-        let proto = onnx
+        let mut proto = onnx
             .proto_model_for_read(&mut &bytes[..])
             .map_err(|e| ModelError::NotOnnx(format!("{e}")))?;
+        // Shapes recorded for intermediate values are hints tract would hold the graph to;
+        // a file whose hints keep a symbolic batch (onnxruntime's quantizer writes them)
+        // then contradicts the batch of one set below. tract infers every shape anyway.
+        if let Some(graph) = proto.graph.as_mut() {
+            graph.value_info.clear();
+            crate::quantize::unquantize_softmax_inputs(graph);
+        }
         let graph = proto
             .graph
             .as_ref()
@@ -128,13 +144,22 @@ impl Model {
             .collect();
         let stored = match metadata.get(key::QUANTIZATION) {
             Some(scheme) if crate::quantize::computes_in_int8(scheme) => Precision::Int8,
-            _ => Precision::F32,
+            Some(_) => Precision::F32,
+            // A third party's file (onnxruntime's quantize_dynamic or quantize_static).
+            None if graph
+                .node
+                .iter()
+                .any(|n| QUANTIZING_OPS.contains(&&*n.op_type)) =>
+            {
+                Precision::Int8
+            }
+            None => Precision::F32,
         };
         let precision = options.precision.unwrap_or(stored);
         match (stored, precision) {
             (Precision::F32, Precision::Int8) => {
                 return Err(ModelError::Precision(
-                    "this is a float model: make an int8 copy with `runtime quantize MODEL --calibrate IMAGE_DIR -o MODEL.int8.onnx`".into(),
+                    "this is a float model: make an int8 copy with `runtime quantize MODEL -o MODEL.int8.onnx`".into(),
                 ));
             }
             (Precision::Int8, Precision::F32 | Precision::F16) => {
@@ -257,7 +282,11 @@ impl Model {
             crate::ops::layer_norm::fuse_decomposed(&mut typed, isa).map_err(tract)?;
             crate::ops::attention::fuse_attention(&mut typed, isa).map_err(tract)?;
             // A kernel asked for runs even where tract's would be faster: that is what asking
-            // for it is for (tests, comparisons).
+            // for it is for (tests, comparisons). The int8 products go first: a QDQ file's
+            // are f32 products by the time tract has folded its weights.
+            if isa_forced || crate::ops::dense_int8::beats_tract(isa) {
+                crate::ops::dense_int8::fuse_int8_dense(&mut typed, isa).map_err(tract)?;
+            }
             if isa_forced || crate::ops::dense::beats_tract(isa) {
                 crate::ops::dense::fuse_dense(&mut typed, isa).map_err(tract)?;
             }
@@ -352,8 +381,8 @@ impl Model {
     /// by operator name.
     pub fn operator_kernels(&self) -> BTreeMap<String, Isa> {
         use crate::ops::{
-            attention::TokenMajorAttention, dense::DenseLinear, layer_norm::LastAxisLayerNorm,
-            softmax::RowSoftmax,
+            attention::TokenMajorAttention, dense::DenseLinear, dense_int8::DenseLinearInt8,
+            layer_norm::LastAxisLayerNorm, softmax::RowSoftmax,
         };
         let mut kernels = BTreeMap::new();
         for node in &self.plan.model().nodes {
@@ -361,6 +390,7 @@ impl Model {
             let isa = op
                 .downcast_ref::<DenseLinear>()
                 .map(|op| op.isa)
+                .or_else(|| op.downcast_ref::<DenseLinearInt8>().map(|op| op.isa))
                 .or_else(|| op.downcast_ref::<TokenMajorAttention>().map(|op| op.isa))
                 .or_else(|| op.downcast_ref::<LastAxisLayerNorm>().map(|op| op.isa))
                 .or_else(|| op.downcast_ref::<RowSoftmax>().map(|op| op.isa));

@@ -216,3 +216,30 @@ fn steady_state_frames_allocate_nothing_in_our_code() {
     // What remains of a whole frame is tract's run; report it (the README quotes this line).
     println!("tract allocations per frame: {:.1}", whole as f64 / 30.0);
 }
+
+#[test]
+fn the_int8_model_allocates_no_more_per_frame_than_f32() {
+    let _turn = SERIAL.lock().unwrap();
+    let frames = [frame(640, 480, 4), frame(640, 480, 5)];
+    let mut float = shipped_classifier(5);
+    let float_allocations = allocations_per_frame(&mut float, &frames);
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/fashion-vit/model.int8.onnx"
+    ))
+    .unwrap();
+    let model = Model::from_bytes(&bytes, &ModelOptions::default()).unwrap();
+    // The int8 operator quantizes each frame's rows into buffers it keeps: it allocates its
+    // output, as the f32 one does, and nothing else (37 of them: a buffer per operator and
+    // frame would add at least 37). Its graph has one tract reshape more per block, which
+    // allocates one shape each.
+    let reshapes = |model: &Model| model.operators().get("IntoShape").copied().unwrap_or(0);
+    let extra_reshapes = reshapes(&model) - reshapes(float.model());
+    let mut int8 = Classifier::new(model, 5).unwrap();
+    let int8_allocations = allocations_per_frame(&mut int8, &frames);
+    assert!(
+        int8_allocations <= float_allocations + extra_reshapes,
+        "int8 {int8_allocations} allocations per frame, f32 {float_allocations}, \
+         {extra_reshapes} more reshapes"
+    );
+}

@@ -85,10 +85,15 @@ pub(crate) fn exp_non_positive(x: __m512) -> __m512 {
 #[inline]
 #[allow(clippy::excessive_precision)]
 pub(crate) fn gelu(x: __m512) -> __m512 {
-    let z = _mm512_abs_ps(_mm512_mul_ps(
-        x,
-        _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
-    ));
+    // erf(z) rounds to 1 from z = 4 on; past z ≈ 13 p^16 would overflow, and the Newton step
+    // below would turn 0 · ∞ into NaN.
+    let z = _mm512_min_ps(
+        _mm512_abs_ps(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+        )),
+        _mm512_set1_ps(6.0),
+    );
     let mut p = _mm512_set1_ps(0.0000430638);
     for c in [
         0.0002765672,

@@ -11,6 +11,7 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod dense;
+pub mod dense_int8;
 pub mod layer_norm;
 mod patterns;
 mod rows;
@@ -18,22 +19,24 @@ pub mod softmax;
 #[cfg(feature = "threads")]
 mod team;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
+use std::thread::LocalKey;
 
-/// f32 values whose first is on a 64-byte boundary (a cache line, an AVX-512 vector), so no
+/// Values whose first is on a 64-byte boundary (a cache line, an AVX-512 vector), so no
 /// vector load of a whole panel row straddles two lines.
 #[derive(Debug)]
-pub(crate) struct AlignedBuffer {
-    storage: Vec<f32>,
+pub(crate) struct AlignedBuffer<T = f32> {
+    storage: Vec<T>,
     start: usize,
     len: usize,
 }
 
-impl AlignedBuffer {
-    pub(crate) fn zeroed(len: usize) -> AlignedBuffer {
-        let storage = vec![0f32; len + ALIGN_FLOATS];
+impl<T: Copy + Default> AlignedBuffer<T> {
+    pub(crate) fn zeroed(len: usize) -> AlignedBuffer<T> {
+        let storage = vec![T::default(); len + align_len::<T>()];
         let start = aligned_start(&storage);
         AlignedBuffer {
             storage,
@@ -43,53 +46,64 @@ impl AlignedBuffer {
     }
 }
 
-/// A 64-byte boundary in floats.
-const ALIGN_FLOATS: usize = 64 / size_of::<f32>();
+/// A 64-byte boundary in values of `T`.
+const fn align_len<T>() -> usize {
+    64 / size_of::<T>()
+}
 
-/// The index of the first value of `storage` on a 64-byte boundary (at most [`ALIGN_FLOATS`]
-/// - 1, since the values are 4-byte aligned).
-fn aligned_start(storage: &[f32]) -> usize {
-    storage
-        .as_ptr()
-        .align_offset(ALIGN_FLOATS * size_of::<f32>())
-        .min(ALIGN_FLOATS)
+/// The index of the first value of `storage` on a 64-byte boundary (below [`align_len`],
+/// since the values are aligned to their own size).
+fn aligned_start<T>(storage: &[T]) -> usize {
+    storage.as_ptr().align_offset(64).min(align_len::<T>())
 }
 
 /// `len` values of a reused `buffer` from a 64-byte boundary, as [`AlignedBuffer`] holds
 /// them; the buffer grows to hold them and otherwise keeps what it held.
-pub(crate) fn aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len + ALIGN_FLOATS {
-        buffer.resize(len + ALIGN_FLOATS, 0.0);
+pub(crate) fn aligned<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len + align_len::<T>() {
+        buffer.resize(len + align_len::<T>(), T::default());
     }
     let start = aligned_start(buffer);
     &mut buffer[start..][..len]
 }
 
-impl Deref for AlignedBuffer {
-    type Target = [f32];
+/// `f` on this thread's `buffer`, or on a fresh one if an evaluation on this thread already
+/// holds it (a thread waiting in the pool can be handed another model's work).
+pub(crate) fn with_buffer<T: 'static, R>(
+    buffer: &'static LocalKey<RefCell<Vec<T>>>,
+    f: impl FnOnce(&mut Vec<T>) -> R,
+) -> R {
+    buffer.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut reused) => f(&mut reused),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
 
-    fn deref(&self) -> &[f32] {
+impl<T> Deref for AlignedBuffer<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
         &self.storage[self.start..][..self.len]
     }
 }
 
-impl DerefMut for AlignedBuffer {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<T> DerefMut for AlignedBuffer<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         &mut self.storage[self.start..][..self.len]
     }
 }
 
-impl Clone for AlignedBuffer {
+impl<T: Copy + Default> Clone for AlignedBuffer<T> {
     /// A copy in a new allocation, aligned anew.
-    fn clone(&self) -> AlignedBuffer {
+    fn clone(&self) -> AlignedBuffer<T> {
         let mut copy = AlignedBuffer::zeroed(self.len);
         copy.copy_from_slice(self);
         copy
     }
 }
 
-impl PartialEq for AlignedBuffer {
-    fn eq(&self, other: &AlignedBuffer) -> bool {
+impl<T: PartialEq> PartialEq for AlignedBuffer<T> {
+    fn eq(&self, other: &AlignedBuffer<T>) -> bool {
         **self == **other
     }
 }
@@ -97,29 +111,59 @@ impl PartialEq for AlignedBuffer {
 /// The environment variable that forces a kernel instruction set when no option does.
 pub const ISA_VARIABLE: &str = "RUNTIME_ISA";
 
-/// An instruction set the operators have kernels for.
+/// An instruction set the operators have kernels for. The `…Vnni` and `NeonDot` sets add
+/// int8 dot products to the one below them: the int8 operator's kernels use them, the f32
+/// operators run the kernels of the set below ([`Isa::float`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     /// Plain Rust, as the compiler vectorises it for the build's target.
     Portable,
     /// aarch64 NEON (Advanced SIMD, part of every aarch64 core): 4 f32 lanes, 32 registers.
     Neon,
+    /// NEON with SDOT (Cortex-A76 and later: Pi 5, Jetson Orin).
+    NeonDot,
     /// x86-64 with AVX2 and FMA: 8 f32 lanes, 16 vector registers.
     Avx2,
-    /// x86-64 with AVX-512F: 16 f32 lanes, 32 vector registers.
+    /// AVX2 with AVX-VNNI's `vpdpbusd` on 256 bits (Alder Lake and later, Zen 4 and later).
+    AvxVnni,
+    /// x86-64 with AVX-512F and BW: 16 f32 lanes, 32 vector registers.
     Avx512,
+    /// AVX-512 with VNNI's `vpdpbusd` (Ice Lake, Sapphire Rapids, Zen 4).
+    Avx512Vnni,
 }
 
 impl Isa {
     /// Every instruction set, lowest first (x86's after ARM's: a CPU runs one or the other).
-    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Neon, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 7] = [
+        Isa::Portable,
+        Isa::Neon,
+        Isa::NeonDot,
+        Isa::Avx2,
+        Isa::AvxVnni,
+        Isa::Avx512,
+        Isa::Avx512Vnni,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Neon => "neon",
+            Isa::NeonDot => "neon-dot",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avx-vnni",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// The instruction set of the f32 kernels where `self` is the best: the int8 dot
+    /// products add nothing to them.
+    pub fn float(self) -> Isa {
+        match self {
+            Isa::NeonDot => Isa::Neon,
+            Isa::AvxVnni => Isa::Avx2,
+            Isa::Avx512Vnni => Isa::Avx512,
+            other => other,
         }
     }
 
@@ -128,15 +172,28 @@ impl Isa {
         match self {
             Isa::Portable => true,
             Isa::Neon => cfg!(target_arch = "aarch64"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            Isa::AvxVnni => Isa::Avx2.runs_here() && std::arch::is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx512.runs_here() && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => false,
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 | Isa::Avx512Vnni => false,
+            #[cfg(not(target_arch = "aarch64"))]
+            Isa::NeonDot => false,
         }
     }
 
@@ -145,13 +202,21 @@ impl Isa {
         Isa::ALL.into_iter().filter(|isa| isa.runs_here()).collect()
     }
 
+    /// The f32 kernels' instruction sets this CPU runs, lowest first.
+    #[cfg(test)]
+    pub(crate) fn available_float() -> Vec<Isa> {
+        let mut float: Vec<Isa> = Isa::available().into_iter().map(Isa::float).collect();
+        float.dedup();
+        float
+    }
+
     /// The kernel a row operator (the softmax, the LayerNorm) runs where `self` is the best:
     /// rows of a few hundred values are memory-bound, so AVX-512 runs the AVX2 kernel, and
     /// aarch64 the portable one (which the compiler vectorises with NEON).
     pub(crate) fn for_rows(self) -> Isa {
-        match self {
+        match self.float() {
             Isa::Avx2 | Isa::Avx512 => Isa::Avx2,
-            Isa::Portable | Isa::Neon => Isa::Portable,
+            _ => Isa::Portable,
         }
     }
 
@@ -203,7 +268,7 @@ impl FromStr for Isa {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum IsaError {
-    #[error("unknown kernel instruction set {0:?} (portable, neon, avx2 or avx512)")]
+    #[error("unknown kernel instruction set {0:?} ({list})", list = names(&Isa::ALL))]
     Unknown(String),
     #[error("this CPU cannot run the {0} kernels; it runs {list}", list = names(&Isa::available()))]
     NotHere(Isa),

@@ -30,3 +30,15 @@ pub(crate) fn constant_operand(
         _ => None,
     })
 }
+
+/// Where `outlet`'s value comes from once the unit axes added in front of it (tract's
+/// `AxisOp::Add`, which declutter puts in to match ranks) are looked through.
+pub(crate) fn through_unit_axes(model: &TypedModel, mut outlet: OutletId) -> OutletId {
+    loop {
+        let node = model.node(outlet.node);
+        match node.op_as::<AxisOp>() {
+            Some(AxisOp::Add(_)) => outlet = node.inputs[0],
+            _ => return outlet,
+        }
+    }
+}

@@ -234,7 +234,7 @@ mod tests {
         for row_len in [1, 2, 7, 8, 9, 17, 31, 64, 325] {
             for spread in [0.1, 10.0, 200.0] {
                 let input = pseudo_random(row_len * 5, spread, row_len as u32);
-                for isa in Isa::available() {
+                for isa in Isa::available_float() {
                     let mut ours = input.clone();
                     softmax_rows(&mut ours, row_len, isa);
                     for (row_in, row_out) in input.chunks(row_len).zip(ours.chunks(row_len)) {

@@ -13,7 +13,7 @@ use std::cell::RefCell;
 
 use crate::ops::patterns::{constant_operand, is_bin};
 use crate::ops::rows::for_each_share;
-use crate::ops::{Isa, aligned};
+use crate::ops::{Isa, aligned, with_buffer};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -131,18 +131,6 @@ thread_local! {
     /// every worker.
     static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `f` on this thread's `buffer`, or on a fresh one if an evaluation on this thread already
-/// holds it (a thread waiting in the pool can be handed another model's work).
-fn with_buffer<R>(
-    buffer: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
-    f: impl FnOnce(&mut Vec<f32>) -> R,
-) -> R {
-    buffer.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut reused) => f(&mut reused),
-        Err(_) => f(&mut Vec::new()),
-    })
 }
 
 /// How a kernel tiles the work: the query rows of a block (its largest), the keys of a score
@@ -314,7 +302,7 @@ struct Job<'a> {
 /// The kernel the attention core runs for the best instruction set `isa`: aarch64 runs the
 /// portable one, which the compiler vectorises with NEON.
 fn kernel(isa: Isa) -> Isa {
-    match isa {
+    match isa.float() {
         Isa::Neon => Isa::Portable,
         isa => isa,
     }
@@ -326,6 +314,8 @@ struct Core {
     operands: [(OutletId, Vec<usize>); 3],
     scale: f32,
     context: usize,
+    /// Unit axes of the context's output in neither input, to put back on the result.
+    context_unit_axes: Vec<usize>,
 }
 
 /// Replace each f32 attention core of a decluttered model by [`TokenMajorAttention`]; returns
@@ -364,7 +354,11 @@ pub fn fuse_attention(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
             scale: core.scale,
             isa: kernel(isa),
         };
-        let wire = patch.wire_node(&name, op, &inputs)?[0];
+        let mut wire = patch.wire_node(&name, op, &inputs)?[0];
+        for &axis in &core.context_unit_axes {
+            let op = AxisOp::Add(axis);
+            wire = patch.wire_node(format!("{name}.add{axis}"), op, &[wire])?[0];
+        }
         patch.shunt_outside(model, core.context.into(), wire)?;
         patch.apply(model)?;
         fused += 1;
@@ -390,7 +384,7 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
     let Some(context) = model.single_succ(softmax)? else {
         return Ok(None);
     };
-    let Some(([_, v_axes], form)) = einsum_form(model, context)? else {
+    let Some(([_, v_axes], context_unit_axes, form)) = einsum_form(model, context)? else {
         return Ok(None);
     };
     if form != "abc,cad->bad" || context.inputs[0] != softmax.into() {
@@ -407,10 +401,11 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
         scale = value.cast_to_scalar::<f32>()?;
         scores = model.node(product.node);
     }
-    let Some(([q_axes, k_axes], form)) = einsum_form(model, scores)? else {
+    let Some(([q_axes, k_axes], scores_unit_axes, form)) = einsum_form(model, scores)? else {
         return Ok(None);
     };
-    if form != "abc,dbc->bad" || scores.outputs[0].successors.len() != 1 {
+    let single_use = scores.outputs[0].successors.len() == 1;
+    if form != "abc,dbc->bad" || !scores_unit_axes.is_empty() || !single_use {
         return Ok(None);
     }
     Ok(Some(Core {
@@ -421,17 +416,20 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
         ],
         scale,
         context: context.id,
+        context_unit_axes,
     }))
 }
 
+/// An EinSum as [`einsum_form`] reads it: the unit axes dropped from each input and from the
+/// output, and the form.
+type EinsumForm = ([Vec<usize>; 2], Vec<usize>, String);
+
 /// How a plain f32 EinSum of two inputs reads once the unit axes that are summed away (in
-/// neither the other input nor the output) are dropped, relabelled in order of first
-/// appearance (so `mbk,nbk->bmn` and `mdbk,ncbk->bmn` with `d` and `c` of size 1 both read
-/// `abc,dbc->bad`); with the positions dropped from each input.
-fn einsum_form(
-    model: &TypedModel,
-    node: &TypedNode,
-) -> TractResult<Option<([Vec<usize>; 2], String)>> {
+/// neither the other input nor the output) and the output's unit axes in neither input are
+/// dropped, relabelled in order of first appearance (so `mbk,nbk->bmn` and `mdbk,ncbk->bmn`
+/// with `d` and `c` of size 1 both read `abc,dbc->bad`); with the positions dropped from each
+/// input and from the output.
+fn einsum_form(model: &TypedModel, node: &TypedNode) -> TractResult<Option<EinsumForm>> {
     let Some(einsum) = node.op_as::<EinSum>() else {
         return Ok(None);
     };
@@ -457,8 +455,19 @@ fn einsum_form(
         }
         kept.push(chars);
     }
+    let output_shape = &node.outputs[0].fact.shape;
+    let mut output_dropped = Vec::new();
+    let mut output = String::new();
+    for (position, axis) in outputs[0].chars().enumerate() {
+        let in_inputs = inputs.iter().any(|input| input.contains(axis));
+        if !in_inputs && output_shape[position] == TDim::from(1) {
+            output_dropped.push(position);
+        } else {
+            output.push(axis);
+        }
+    }
     let mut labels: Vec<char> = Vec::new();
-    let form = format!("{},{}->{}", kept[0], kept[1], outputs[0])
+    let form = format!("{},{}->{output}", kept[0], kept[1])
         .chars()
         .map(|c| {
             if !c.is_alphabetic() {
@@ -471,7 +480,7 @@ fn einsum_form(
             (b'a' + index as u8) as char
         })
         .collect();
-    Ok(Some((dropped, form)))
+    Ok(Some((dropped, output_dropped, form)))
 }
 
 #[cfg(test)]
@@ -552,7 +561,7 @@ mod tests {
             let v = values(keys * heads * value_size, 3);
             let scale = 1.0 / (key_size as f32).sqrt();
             let expected = reference(shape, scale, &q, &k, &v);
-            for isa in Isa::available() {
+            for isa in Isa::available_float() {
                 let mut out = vec![f32::NAN; queries * heads * value_size];
                 on_two_threads(|| attend(shape, scale, isa, &q, &k, &v, &mut out)).unwrap();
                 for (got, want) in out.iter().zip(&expected) {
@@ -576,14 +585,18 @@ mod tests {
             einsum_form(&model, model.node(out.node)).unwrap().unwrap()
         };
         let plain: [&[usize]; 2] = [&[2, 3, 4], &[5, 3, 4]];
-        let expected = ([vec![], vec![]], "abc,dbc->bad".to_string());
+        let expected = ([vec![], vec![]], vec![], "abc,dbc->bad".to_string());
         assert_eq!(form(plain, "mbk,nbk->bmn"), expected);
         assert_eq!(form(plain, "xyz,wyz->yxw"), expected);
-        assert_ne!(form(plain, "mbk,nbk->bnm").1, expected.1);
+        assert_ne!(form(plain, "mbk,nbk->bnm").2, expected.2);
         // torch's q and k: [tokens, 1, heads, d] slices of the fused QKV output.
         let sliced: [&[usize]; 2] = [&[2, 1, 3, 4], &[5, 1, 3, 4]];
-        let expected = ([vec![1], vec![1]], "abc,dbc->bad".to_string());
+        let expected = ([vec![1], vec![1]], vec![], "abc,dbc->bad".to_string());
         assert_eq!(form(sliced, "mdbk,ncbk->bmn"), expected);
+        // An int8 file's context: a unit axis in front of the output, in neither input.
+        let context: [&[usize]; 2] = [&[3, 2, 5], &[5, 3, 4]];
+        let expected = ([vec![], vec![]], vec![0], "abc,cad->bad".to_string());
+        assert_eq!(form(context, "bmk,kbn->ambn"), expected);
         // A unit axis that is kept in the output is part of the form.
         let unit_heads: [&[usize]; 2] = [&[2, 1, 4], &[5, 1, 4]];
         assert_eq!(

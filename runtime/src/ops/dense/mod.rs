@@ -28,6 +28,8 @@ mod avx512;
 mod neon;
 mod portable;
 
+pub(crate) use portable::gelu;
+
 /// `y = act(x W + b) + r` over the last axis of a contiguous f32 `x` (`[rows…, depth]`, any
 /// leading axes), with W `[depth, width]` and b `[width]` held by the operator, `act` the
 /// identity or exact GELU, and `r` an optional second input of the output's shape (the
@@ -68,6 +70,7 @@ impl DenseLinear {
     ) -> TractResult<DenseLinear> {
         ensure!(weight.len() == depth * width && depth > 0 && width > 0);
         ensure!(output_shape.last() == Some(&width));
+        let isa = isa.float();
         let (_, columns) = Self::block(isa, width);
         let panel_count = width.div_ceil(columns);
         let mut panels = AlignedBuffer::zeroed(panel_count * depth * columns);
@@ -133,34 +136,54 @@ impl EvalOp for DenseLinear {
     op_out_of_plan!();
 
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 1 + self.residual as usize);
-        for input in &inputs {
-            ensure!(input.datum_type() == f32::datum_type());
-            ensure!(input.strides() == &*Tensor::natural_strides(input.shape()));
-        }
-        let x = &inputs[0];
-        let rows = self.output_shape.iter().product::<usize>() / self.width;
-        ensure!(
-            x.len() == rows * self.depth,
-            "a {}x{} linear layer got input {:?}",
-            self.depth,
-            self.width,
-            x.shape()
-        );
-        // SAFETY: f32 has no invalid bit patterns, and `apply` writes every value.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
-        {
-            let x = x.try_as_plain_ram()?;
-            let residual = inputs.get(1).map(|r| r.try_as_plain_ram()).transpose()?;
-            let residual = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
-            if let Some(residual) = residual {
-                ensure!(residual.len() == output.len(), "residual of the wrong size");
-            }
-            let mut out = output.try_as_plain_ram_mut()?;
-            self.apply(x.as_slice()?, residual, out.as_slice_mut()?);
-        }
-        Ok(tvec!(output.into_tvalue()))
+        let (depth, width) = (self.depth, self.width);
+        eval_dense(
+            inputs,
+            self.residual,
+            depth,
+            width,
+            &self.output_shape,
+            |x, r, out| self.apply(x, r, out),
+        )
     }
+}
+
+/// The evaluation the dense operators share: the inputs checked (f32, contiguous, whole rows
+/// of `depth`, and a residual of the output's size if `residual`), then `apply(x, residual,
+/// out)` into a new output of `output_shape`.
+pub(crate) fn eval_dense(
+    inputs: TVec<TValue>,
+    residual: bool,
+    depth: usize,
+    width: usize,
+    output_shape: &[usize],
+    apply: impl FnOnce(&[f32], Option<&[f32]>, &mut [f32]),
+) -> TractResult<TVec<TValue>> {
+    ensure!(inputs.len() == 1 + residual as usize);
+    for input in &inputs {
+        ensure!(input.datum_type() == f32::datum_type());
+        ensure!(input.strides() == &*Tensor::natural_strides(input.shape()));
+    }
+    let x = &inputs[0];
+    let rows = output_shape.iter().product::<usize>() / width;
+    ensure!(
+        x.len() == rows * depth,
+        "a {depth}x{width} linear layer got input {:?}",
+        x.shape()
+    );
+    // SAFETY: f32 has no invalid bit patterns, and `apply` writes every value.
+    let mut output = unsafe { Tensor::uninitialized::<f32>(output_shape)? };
+    {
+        let x = x.try_as_plain_ram()?;
+        let residual = inputs.get(1).map(|r| r.try_as_plain_ram()).transpose()?;
+        let residual = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
+        if let Some(residual) = residual {
+            ensure!(residual.len() == output.len(), "residual of the wrong size");
+        }
+        let mut out = output.try_as_plain_ram_mut()?;
+        apply(x.as_slice()?, residual, out.as_slice_mut()?);
+    }
+    Ok(tvec!(output.into_tvalue()))
 }
 
 impl TypedOp for DenseLinear {
@@ -213,10 +236,10 @@ impl DenseLinear {
 /// and Neoverse-N1 (A76) models and saves tract's packing of the activations, but the in-order
 /// Cortex-A53 and A55 get tract's kernels scheduled for them. Elsewhere tract's kernels stay.
 pub fn beats_tract(isa: Isa) -> bool {
-    match isa {
+    match isa.float() {
         Isa::Avx2 | Isa::Avx512 => true,
         Isa::Neon => !in_order_arm_core(),
-        Isa::Portable => false,
+        _ => false,
     }
 }
 
@@ -259,7 +282,7 @@ pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
             transposed,
             depth,
             width,
-        }) = linear_form(model, einsum)?
+        }) = linear_form(model, einsum, f32::datum_type())?
         else {
             continue;
         };
@@ -268,19 +291,13 @@ pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
             Some(shape) => shape.into(),
             None => continue,
         };
-        let (bias, last) = match bias_after(model, einsum, width)? {
-            Some((bias, add)) => (Some(bias), add),
-            None => (None, einsum),
-        };
-        let gelu = model
-            .single_succ(last)?
-            .filter(|next| is_f32_gelu(next))
-            .map(|next| next.id);
-        let last = gelu.unwrap_or(last);
-        let residual = residual_after(model, last)?;
-        let last = residual.map(|(_, add)| add).unwrap_or(last);
+        let tail = tail_after(model, einsum, width)?;
         let weight = weight.try_as_plain_ram()?;
-        let bias = bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
+        let bias = tail
+            .bias
+            .as_ref()
+            .map(|b| b.try_as_plain_ram())
+            .transpose()?;
         let mut op = DenseLinear::new(
             isa,
             weight.as_slice::<f32>()?,
@@ -290,17 +307,10 @@ pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
             width,
             output_shape,
         )?;
-        op.gelu = gelu.is_some();
-        op.residual = residual.is_some();
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense layer"));
-        let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
-        if let Some((residual, _)) = residual {
-            inputs.push(patch.tap_model(model, residual)?);
-        }
-        let wire = patch.wire_node(&name, op, &inputs)?[0];
-        patch.shunt_outside(model, last.into(), wire)?;
-        patch.apply(model)?;
+        op.gelu = tail.gelu;
+        op.residual = tail.residual.is_some();
+        let (name, x) = (node.name.clone(), node.inputs[0]);
+        replace_with(model, &name, op, x, &tail)?;
         fused += 1;
     }
     if fused > 0 {
@@ -309,37 +319,97 @@ pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
     Ok(fused)
 }
 
-/// An EinSum read as a linear layer.
-struct Linear {
-    weight: Arc<Tensor>,
-    /// W is stored `[width, depth]`.
-    transposed: bool,
-    depth: usize,
-    width: usize,
+/// What a dense operator takes in after its product: the bias Add, the GELU and the residual
+/// Add, in that order, each the only use of the one before.
+pub(crate) struct Tail {
+    pub(crate) bias: Option<Arc<Tensor>>,
+    pub(crate) gelu: bool,
+    pub(crate) residual: Option<OutletId>,
+    /// The last node taken in (the product itself if none).
+    pub(crate) last: usize,
 }
 
-/// `einsum` as a linear layer if it is an f32 `x W` (see [`fuse_dense`]).
-fn linear_form(model: &TypedModel, einsum: usize) -> TractResult<Option<Linear>> {
+/// The [`Tail`] after the node `product`, `width` wide.
+pub(crate) fn tail_after(model: &TypedModel, product: usize, width: usize) -> TractResult<Tail> {
+    let (bias, last) = match bias_after(model, product, width)? {
+        Some((bias, add)) => (Some(bias), add),
+        None => (None, product),
+    };
+    let gelu = model
+        .single_succ(last)?
+        .filter(|next| is_f32_gelu(next))
+        .map(|next| next.id);
+    let last = gelu.unwrap_or(last);
+    let residual = residual_after(model, last)?;
+    Ok(Tail {
+        bias,
+        gelu: gelu.is_some(),
+        residual: residual.map(|(outlet, _)| outlet),
+        last: residual.map_or(last, |(_, add)| add),
+    })
+}
+
+/// Put `op`, computed from `x` (and the tail's residual), in place of the product and its
+/// tail.
+pub(crate) fn replace_with(
+    model: &mut TypedModel,
+    name: &str,
+    op: impl Into<Box<dyn TypedOp>>,
+    x: OutletId,
+    tail: &Tail,
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense layer"));
+    let mut inputs = tvec![patch.tap_model(model, x)?];
+    if let Some(residual) = tail.residual {
+        inputs.push(patch.tap_model(model, residual)?);
+    }
+    let wire = patch.wire_node(name, op, &inputs)?[0];
+    patch.shunt_outside(model, tail.last.into(), wire)?;
+    patch.apply(model)
+}
+
+/// An EinSum read as a linear layer.
+pub(crate) struct Linear {
+    pub(crate) weight: Arc<Tensor>,
+    /// W is stored `[width, depth]`.
+    pub(crate) transposed: bool,
+    pub(crate) depth: usize,
+    pub(crate) width: usize,
+}
+
+/// `einsum` as a linear layer if it is an f32 `x W` (see [`fuse_dense`]), or with
+/// `weights` int8 the integer product of tract's `MatMulInteger` (`x` u8 or i8, i32 sums;
+/// its other inputs, zero points and scales, are the caller's to check).
+pub(crate) fn linear_form(
+    model: &TypedModel,
+    einsum: usize,
+    weights: DatumType,
+) -> TractResult<Option<Linear>> {
     let node = model.node(einsum);
     let Some(op) = node.op_as::<EinSum>() else {
         return Ok(None);
     };
-    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
-        return Ok(None);
-    }
     let x_fact = model.outlet_fact(node.inputs[0])?;
     let w_fact = model.outlet_fact(node.inputs[1])?;
+    let form_matches = if weights == f32::datum_type() {
+        op.q_params.is_none()
+            && op.operating_dt == f32::datum_type()
+            && node.inputs.len() == 2
+            && x_fact.datum_type == f32::datum_type()
+    } else {
+        op.q_params.is_some() && weights == i8::datum_type()
+    };
     let Some(weight) = w_fact.konst.clone() else {
         return Ok(None);
     };
-    if x_fact.datum_type != f32::datum_type() || weight.datum_type() != f32::datum_type() {
+    if !form_matches || weight.datum_type() != weights {
         return Ok(None);
     }
     // Each operand's axes as (label, size), unit axes dropped: they do not move any data.
     let (inputs, outputs) = op.axes.to_strs();
     let facts = [x_fact, w_fact, &node.outputs[0].fact];
     let mut axes = Vec::new();
-    for (labels, fact) in inputs.iter().chain(&outputs).zip(facts) {
+    for (labels, fact) in [&inputs[0], &inputs[1], &outputs[0]].into_iter().zip(facts) {
         let Some(shape) = fact.shape.as_concrete() else {
             return Ok(None);
         };
@@ -458,7 +528,7 @@ mod tests {
             let x = values(rows * depth, 1);
             let w = values(depth * width, 2);
             let b = values(width, 3);
-            for isa in Isa::available() {
+            for isa in Isa::available_float() {
                 let shape = tvec![rows, width];
                 let op = DenseLinear::new(isa, &w, false, Some(&b), depth, width, shape);
                 let op = op.unwrap();
@@ -478,6 +548,28 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// GELU far from zero: the identity above, zero below (an AVX-512 GELU once gave NaN past
+    /// x ≈ 19, where p(z)^16 overflows).
+    #[test]
+    fn gelu_saturates_without_nan_on_every_kernel() {
+        let x = [-1e30, -100.0, -20.0, -5.0, 0.0, 5.0, 20.0, 100.0, 1e30];
+        for isa in Isa::available_float() {
+            let shape = tvec![x.len(), 1];
+            let mut op = DenseLinear::new(isa, &[1.0], false, None, 1, 1, shape).unwrap();
+            op.gelu = true;
+            let mut out = vec![f32::NAN; x.len()];
+            op.apply(&x, None, &mut out);
+            for (&x, &y) in x.iter().zip(&out) {
+                let expected = if x.abs() < 10.0 { y } else { x.max(0.0) };
+                assert!(y.is_finite() && y == expected, "{isa}: gelu({x}) = {y}");
+            }
+            assert!(
+                (out[5] - 5.0).abs() < 1e-5 && out[3].abs() < 1e-5,
+                "{isa}: {out:?}"
+            );
         }
     }
 
@@ -549,7 +641,7 @@ mod tests {
             };
             let expected = run(model.clone());
             let mut descriptions = Vec::new();
-            for isa in Isa::available() {
+            for isa in Isa::available_float() {
                 let mut model = model.clone();
                 fuse_dense(&mut model, isa).unwrap();
                 let fused: Vec<String> = model

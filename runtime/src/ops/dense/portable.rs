@@ -107,7 +107,7 @@ impl Block<'_> {
 /// and Stegun's 7.1.28 (absolute error below 3e-7), `1 - 1 / p(|z|)^16`.
 #[inline(always)]
 #[allow(clippy::excessive_precision)]
-pub(super) fn gelu<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn gelu<const FMA: bool>(x: f32) -> f32 {
     let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
     let p = multiply_add::<FMA>(0.0000430638, z, 0.0002765672);
     let p = multiply_add::<FMA>(p, z, 0.0001520143);

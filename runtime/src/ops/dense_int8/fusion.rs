@@ -1,0 +1,243 @@
+//! Finding the quantized products of a decluttered model, in the two standard forms:
+//!
+//! - dynamic, as `runtime quantize` and onnxruntime's `quantize_dynamic` write them:
+//!   `DynamicQuantizeLinear(x) → MatMulInteger(·, W_q) → Cast → Mul(s_x · s_w)`, which tract
+//!   declutters to a `DynamicQuantizeLinearU8`, an i32 EinSum, a Cast and the Mul by
+//!   `Mul(s_x, s_w)`;
+//! - QDQ, as onnxruntime's `quantize_static` writes them: a MatMul of `DequantizeLinear(·)`
+//!   (x quantized upstream) by `DequantizeLinear(W_q)`, which tract folds into f32 constants.
+//!
+//! Either way the product becomes one [`DenseLinearInt8`] on x, with the bias Add, the GELU and
+//! the residual Add after it (as [`fuse_dense`](crate::ops::dense::fuse_dense) takes them). The
+//! file's own quantization of x (per tensor) gives way to the operator's, per row.
+
+use super::DenseLinearInt8;
+use crate::ops::Isa;
+use crate::ops::dense::{Linear, linear_form, replace_with, tail_after};
+use crate::ops::patterns::{is_bin, through_unit_axes};
+use crate::quantize::quantize_symmetric;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cast::Cast;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
+
+/// Replace each quantized product of a decluttered model (see the module) by
+/// [`DenseLinearInt8`] on `isa`'s kernel; returns how many were replaced.
+pub fn fuse_int8_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
+    let einsums: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|node| node.op_is::<EinSum>())
+        .map(|node| node.id)
+        .collect();
+    let mut fused = 0;
+    for einsum in einsums {
+        let found = match integer_product(model, einsum)? {
+            Some(found) => Some(found),
+            None => qdq_product(model, einsum)?,
+        };
+        let Some(product) = found else {
+            continue;
+        };
+        let Some(output_shape) = model
+            .outlet_fact(OutletId::new(product.last, 0))?
+            .shape
+            .as_concrete()
+            .map(TVec::from)
+        else {
+            continue;
+        };
+        let width = product.linear.width;
+        let tail = tail_after(model, product.last, width)?;
+        let bias = tail
+            .bias
+            .as_ref()
+            .map(|b| b.try_as_plain_ram())
+            .transpose()?;
+        let Linear {
+            depth, transposed, ..
+        } = product.linear;
+        let mut op = DenseLinearInt8::new(
+            isa,
+            &product.weight,
+            transposed,
+            &product.scales,
+            bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?,
+            depth,
+            width,
+            output_shape,
+        )?;
+        op.gelu = tail.gelu;
+        op.residual = tail.residual.is_some();
+        let name = model.node(einsum).name.clone();
+        replace_with(model, &name, op, product.x, &tail)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+/// A quantized product found in the graph.
+struct Product {
+    /// The f32 activations.
+    x: OutletId,
+    linear: Linear,
+    /// W's int8 values as stored (`[depth, width]`, or `[width, depth]` if transposed) and
+    /// their scale per column.
+    weight: Vec<i8>,
+    scales: Vec<f32>,
+    /// The node whose output is `x W` in f32.
+    last: usize,
+}
+
+/// `quantize(x) → EinSum (i32) → Cast (f32) → Mul(s_x · s_w)` at `einsum`, W symmetric (zero
+/// points zero), where `quantize` is tract's `DynamicQuantizeLinearU8` (s_x its second output,
+/// the factor `Mul(s_x, s_w)`) or a `QuantizeLinear` with a constant scale (the factor a
+/// constant), as earlier `runtime quantize` files have it.
+fn integer_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Product>> {
+    let node = model.node(einsum);
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    // Inputs: a, b, bias, a0, a_scale, b0, b_scale, c0, c_scale (tract's MatMulInteger).
+    if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+        return Ok(None);
+    }
+    let quantize = model.node(node.inputs[0].node);
+    // tract's QuantizeLinear holds 1 / s_x.
+    let static_inverse_scale = quantize.op_as::<ElementWiseOp>().and_then(|op| {
+        match op.0.downcast_ref::<QuantizeLinearU8>() {
+            Some(q) => Some(q.scale),
+            None => op.0.downcast_ref::<QuantizeLinearI8>().map(|q| q.scale),
+        }
+    });
+    let dynamic = quantize.op.name() == "DynamicQuantizeLinearU8";
+    if !(dynamic || static_inverse_scale.is_some()) || node.inputs[0].slot != 0 {
+        return Ok(None);
+    }
+    // The activations' zero point is the quantizer's; the other parameters are neutral.
+    let zero_point_fits = if dynamic {
+        node.inputs[3] == OutletId::new(quantize.id, 2)
+    } else {
+        model.outlet_fact(node.inputs[3])?.konst.is_some()
+    };
+    if !zero_point_fits {
+        return Ok(None);
+    }
+    for (input, neutral) in [(2, 0.0), (4, 1.0), (5, 0.0), (6, 1.0), (7, 0.0), (8, 1.0)] {
+        if !all_equal(model, node.inputs[input], neutral)? {
+            return Ok(None);
+        }
+    }
+    let Some(linear) = linear_form(model, einsum, i8::datum_type())? else {
+        return Ok(None);
+    };
+    let Some(cast) = model.single_succ(einsum)? else {
+        return Ok(None);
+    };
+    let to_f32 = cast
+        .op_as::<Cast>()
+        .is_some_and(|c| c.to == f32::datum_type());
+    let Some(mul) = to_f32
+        .then(|| model.single_succ(cast.id))
+        .transpose()?
+        .flatten()
+    else {
+        return Ok(None);
+    };
+    if !is_bin(mul, "Mul") || mul.outputs[0].fact.shape != cast.outputs[0].fact.shape {
+        return Ok(None);
+    }
+    let Some(&factor) = mul.inputs.iter().find(|i| i.node != cast.id) else {
+        return Ok(None);
+    };
+    let weight_scales = match static_inverse_scale {
+        Some(inverse) => per_column(model, factor, linear.width)?
+            .map(|factors| factors.iter().map(|f| f * inverse).collect()),
+        None => {
+            let scales = model.node(through_unit_axes(model, factor).node);
+            let scale_of_x = OutletId::new(quantize.id, 1);
+            let is_scale_of_x = |&&i: &&OutletId| through_unit_axes(model, i) == scale_of_x;
+            let other = scales.inputs.iter().find(|i| !is_scale_of_x(i));
+            match other {
+                Some(&other)
+                    if is_bin(scales, "Mul") && scales.inputs.iter().any(|i| is_scale_of_x(&i)) =>
+                {
+                    per_column(model, other, linear.width)?
+                }
+                _ => None,
+            }
+        }
+    };
+    let Some(scales) = weight_scales else {
+        return Ok(None);
+    };
+    let weight = linear.weight.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+    Ok(Some(Product {
+        x: quantize.inputs[0],
+        linear,
+        weight,
+        scales,
+        last: mul.id,
+    }))
+}
+
+/// Whether `outlet` is a constant whose every value is `value`.
+fn all_equal(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bool> {
+    let Some(constant) = model.outlet_fact(outlet)?.konst.clone() else {
+        return Ok(false);
+    };
+    let values = constant.cast_to::<f32>()?;
+    Ok(values
+        .try_as_plain_ram()?
+        .as_slice::<f32>()?
+        .iter()
+        .all(|&v| v == value))
+}
+
+/// An f32 `x W` at `einsum` whose x comes out of a `DequantizeLinear` (after a QuantizeLinear,
+/// or an operator tract ran on the quantized values): W is taken back to int8, one symmetric
+/// scale per column (exactly the file's values when it stores them so), and x, already
+/// rounded to the file's levels, is quantized again by row.
+fn qdq_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Product>> {
+    let node = model.node(einsum);
+    let x = node.inputs[0];
+    if !model.node(x.node).op_is::<DequantizeLinearF32>() {
+        return Ok(None);
+    }
+    let Some(linear) = linear_form(model, einsum, f32::datum_type())? else {
+        return Ok(None);
+    };
+    let values = linear.weight.try_as_plain_ram()?.as_slice::<f32>()?;
+    let (dims, column_axis) = match linear.transposed {
+        false => ([linear.depth, linear.width], 1),
+        true => ([linear.width, linear.depth], 0),
+    };
+    let (weight, scales) = quantize_symmetric(values, &dims, column_axis);
+    Ok(Some(Product {
+        x,
+        linear,
+        weight,
+        scales,
+        last: einsum,
+    }))
+}
+
+/// A constant with one value per column (`[width]`, unit axes allowed) or one for all.
+fn per_column(model: &TypedModel, outlet: OutletId, width: usize) -> TractResult<Option<Vec<f32>>> {
+    let Some(values) = model.outlet_fact(outlet)?.konst.clone() else {
+        return Ok(None);
+    };
+    if values.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    let values = values.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    Ok(match values.len() {
+        1 => Some(vec![values[0]; width]),
+        n if n == width => Some(values),
+        _ => None,
+    })
+}
