@@ -10,7 +10,8 @@
 #
 # TEST_DIR (folder-per-class) adds the accuracy column for that model. CALIB_DIR is for
 # onnxruntime's quantize_static; `runtime quantize` needs no calibration.
-# Needs a release build (cargo build --release -p runtime) and, for the onnxruntime columns,
+# F16=0 leaves f16 out (on x86 it is a storage format, and scoring 10 000 images takes half an
+# hour). Needs a release build (cargo build --release -p runtime) and, for the onnxruntime columns,
 # the .venv-peers of tests/ort_quantize.py (PEERS_PYTHON overrides its path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +27,9 @@ median() { # model precision threads [isa]
     --runs "$runs" --json |
     python3 -c 'import json, sys; print("%.3f" % json.load(sys.stdin)["inference"]["median_ms"])'
 }
-accuracy() { # model precision
+accuracy() { # model precision [isa]
   [[ -n $test_dir ]] || { echo "–"; return; }
-  "$runtime" eval "$1" ${2:+--precision "$2"} --data "$test_dir" --json |
+  "$runtime" eval "$1" ${2:+--precision "$2"} ${3:+--isa "$3"} --data "$test_dir" --json |
     python3 -c 'import json, sys; print("%.2f %%" % (100 * json.load(sys.stdin)["report"]["accuracy"]))'
 }
 
@@ -41,8 +42,10 @@ for spec in "$@"; do
   name=$(basename "$(dirname "$model")")/$(basename "$model")
   "$runtime" quantize "$model" -o "$work/int8.onnx" >/dev/null
   "$runtime" quantize "$model" --weights-only -o "$work/weights.onnx" >/dev/null
-  variants=("f32:$model::" "f16:$model:f16:" "int8:$work/int8.onnx::")
-  if "$runtime" info --json | grep -q '"avx512-vnni"\|"avx-vnni"'; then
+  variants=("f32:$model::")
+  [[ ${F16:-1} == 0 ]] || variants+=("f16:$model:f16:")
+  variants+=("int8:$work/int8.onnx::")
+  if "$runtime" info --isa avx512-vnni >/dev/null 2>&1 || "$runtime" info --isa avx-vnni >/dev/null 2>&1; then
     variants+=("int8, AVX2 kernel forced:$work/int8.onnx::avx2")
   fi
   variants+=("int8 weights, f32 compute:$work/weights.onnx::")
@@ -54,7 +57,7 @@ for spec in "$@"; do
   fi
   for variant in "${variants[@]}"; do
     IFS=: read -r label file precision isa <<<"$variant"
-    echo "| $name | runtime $label | $(stat -c %s "$file") | $(accuracy "$file" "$precision") |" \
+    echo "| $name | runtime $label | $(stat -c %s "$file") | $(accuracy "$file" "$precision" "$isa") |" \
       "$(median "$file" "$precision" 1 "$isa") | $(median "$file" "$precision" 2 "$isa") |"
   done
   if [[ -n ${report:-} ]]; then

@@ -128,7 +128,7 @@ impl Model {
         // then contradicts the batch of one set below. tract infers every shape anyway.
         if let Some(graph) = proto.graph.as_mut() {
             graph.value_info.clear();
-            crate::quantize::unquantize_softmax_inputs(graph);
+            crate::quantize::unquantize_activations(graph);
         }
         let graph = proto
             .graph

@@ -357,40 +357,67 @@ fn vector_f32(name: &str, values: &[f32]) -> TensorProto {
     }
 }
 
-/// Feed each Softmax that reads `DequantizeLinear(QuantizeLinear(x))` (as onnxruntime's
-/// `quantize_static` writes the attention scores) with `x` itself; returns how many. tract
-/// 0.23.9 folds such a pair and the Softmax into a quantized softmax whose answers are wrong: on
-/// onnxruntime's QDQ file of the shipped model every other operator kept its pair and the
-/// accuracy on the 30 test images went from 6.7 % to 96.7 % (onnxruntime: 92.0 % on the 10 000
-/// test images, the runtime then 92.0 % too). The scores are spared one rounding.
-pub(crate) fn unquantize_softmax_inputs(graph: &mut GraphProto) -> usize {
+/// Feed every operator that reads `DequantizeLinear(QuantizeLinear(x))` of an activation with
+/// `x` itself, except the products by constant weights (whose pairs mark them int8, for
+/// [`fuse_int8_dense`](crate::ops::dense_int8::fuse_int8_dense)); returns how many inputs.
+///
+/// onnxruntime's `quantize_static` puts such a pair on nearly every activation of a QDQ file.
+/// tract runs each pair as two operators (and folds chains of them into lookup tables), and
+/// the pairs hide the LayerNorm, GELU and attention patterns from the runtime's operators:
+/// the shipped model's QDQ file took 2.0 ms a frame against onnxruntime's 0.51. Worse, tract
+/// 0.23.9 folds the pair in front of a Softmax into a quantized softmax whose answers are
+/// wrong (6.7 % on the 30 test images, 96.7 % with that pair dropped). Without the pairs each
+/// activation is spared one rounding; the products still quantize theirs, per row.
+pub(crate) fn unquantize_activations(graph: &mut GraphProto) -> usize {
     let constants: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let producer: HashMap<&str, &NodeProto> = graph
         .node
         .iter()
         .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
         .collect();
+    let op_of = |value: &str| producer.get(value).map(|n| n.op_type.as_str());
+    fn input(node: &NodeProto, i: usize) -> &str {
+        node.input.get(i).map_or("", String::as_str)
+    }
+    // A product by int8 weights: its second input dequantizes a constant.
+    let by_weights = |node: &NodeProto| {
+        matches!(node.op_type.as_str(), "MatMul" | "Gemm")
+            && producer
+                .get(input(node, 1))
+                .is_some_and(|w| w.op_type == "DequantizeLinear" && constants.contains(input(w, 0)))
+    };
+    let mut kept: HashSet<&str> = HashSet::new();
+    for node in graph.node.iter().filter(|n| by_weights(n)) {
+        kept.insert(input(node, 0));
+    }
     let mut unquantized: HashMap<String, String> = HashMap::new();
-    for node in graph.node.iter().filter(|n| n.op_type == "Softmax") {
-        let Some(dequantize) = node.input.first().and_then(|i| producer.get(i.as_str())) else {
+    for dequantize in graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+    {
+        let (Some(output), quantized) = (dequantize.output.first(), input(dequantize, 0)) else {
             continue;
         };
-        let quantize = dequantize
-            .input
-            .first()
-            .and_then(|i| producer.get(i.as_str()))
-            .filter(|q| dequantize.op_type == "DequantizeLinear" && q.op_type == "QuantizeLinear");
-        if let Some(x) = quantize.and_then(|q| q.input.first())
-            && !constants.contains(x.as_str())
-        {
-            unquantized.insert(node.input[0].clone(), x.clone());
+        let Some(quantize) = producer
+            .get(quantized)
+            .filter(|q| q.op_type == "QuantizeLinear")
+        else {
+            continue;
+        };
+        let x = input(quantize, 0);
+        let activation = !constants.contains(x) && op_of(x).is_some_and(|op| op != "Constant");
+        if activation && !kept.contains(output.as_str()) {
+            unquantized.insert(output.clone(), x.to_string());
         }
     }
     let mut count = 0;
-    for node in graph.node.iter_mut().filter(|n| n.op_type == "Softmax") {
-        if let Some(x) = node.input.first().and_then(|i| unquantized.get(i)) {
-            node.input[0] = x.clone();
-            count += 1;
+    for node in &mut graph.node {
+        for value in &mut node.input {
+            if let Some(x) = unquantized.get(value) {
+                *value = x.clone();
+                count += 1;
+            }
         }
     }
     count

@@ -204,10 +204,18 @@ fn all_equal(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bo
 /// rounded to the file's levels, is quantized again by row.
 fn qdq_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Product>> {
     let node = model.node(einsum);
-    let x = node.inputs[0];
-    if !model.node(x.node).op_is::<DequantizeLinearF32>() {
+    let dequantize = model.node(node.inputs[0].node);
+    if !dequantize.op_is::<DequantizeLinearF32>() {
         return Ok(None);
     }
+    // Straight after a QuantizeLinear the pair is read through: the operator quantizes anew.
+    let quantize = model.node(dequantize.inputs[0].node);
+    let x = match quantize.op_as::<ElementWiseOp>() {
+        Some(op) if op.0.is::<QuantizeLinearU8>() || op.0.is::<QuantizeLinearI8>() => {
+            quantize.inputs[0]
+        }
+        _ => node.inputs[0],
+    };
     let Some(linear) = linear_form(model, einsum, f32::datum_type())? else {
         return Ok(None);
     };
