@@ -287,6 +287,9 @@ impl Model {
             if isa_forced || crate::ops::dense_int8::beats_tract(isa) {
                 crate::ops::dense_int8::fuse_int8_dense(&mut typed, isa).map_err(tract)?;
             }
+            if precision == Precision::Int8 {
+                crate::ops::attention::use_int8(&mut typed, isa);
+            }
             if isa_forced || crate::ops::dense::beats_tract(isa) {
                 crate::ops::dense::fuse_dense(&mut typed, isa).map_err(tract)?;
             }

@@ -186,7 +186,7 @@ impl Core<'_> {
 /// `row` holds `len` values, and the CPU has AVX-512F.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn exp_in_place(row: *mut f32, len: usize) -> f32 {
+pub(super) unsafe fn exp_in_place(row: *mut f32, len: usize) -> f32 {
     let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
     for start in (0..len).step_by(LANES) {
         let mask = first_lanes(len - start);

@@ -124,6 +124,8 @@ impl Shape {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod int8;
 mod portable;
 
 thread_local! {
@@ -189,6 +191,13 @@ fn attend(
     output: &mut [f32],
 ) -> TractResult<()> {
     if shape.queries == 0 || shape.heads == 0 || shape.value_size == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && shape.keys >= int8::MIN_KEYS {
+        assert!(isa.runs_here(), "{isa} kernel on a CPU without it");
+        // SAFETY: the CPU has AVX-512 VNNI (checked above).
+        unsafe { int8::attend(shape, scale, q, k, v, output) };
         return Ok(());
     }
     let isa = kernel(isa);
@@ -299,13 +308,30 @@ struct Job<'a> {
     panels: Panels<'a>,
 }
 
-/// The kernel the attention core runs for the best instruction set `isa`: aarch64 runs the
+/// The f32 kernel the attention core runs for the best instruction set `isa`: aarch64 runs the
 /// portable one, which the compiler vectorises with NEON.
 fn kernel(isa: Isa) -> Isa {
     match isa.float() {
         Isa::Neon => Isa::Portable,
         isa => isa,
     }
+}
+
+/// Make the attention cores of an int8 model compute their two products in int8 where `isa`
+/// has a kernel for it (AVX-512 VNNI, `int8.rs`) and there are enough keys to pay for
+/// quantizing k and v; returns how many.
+pub fn use_int8(model: &mut TypedModel, isa: Isa) -> usize {
+    if isa != Isa::Avx512Vnni {
+        return 0;
+    }
+    let mut count = 0;
+    for node in &mut model.nodes {
+        if let Some(op) = node.op_as_mut::<TokenMajorAttention>() {
+            op.isa = isa;
+            count += 1;
+        }
+    }
+    count
 }
 
 /// One attention core found in a decluttered graph: where q, k and v come from, and the unit
@@ -533,10 +559,45 @@ mod tests {
             .collect()
     }
 
+    /// An attention case of these sizes: q, k, v, the scale and the definition's answer.
+    struct Case {
+        shape: Shape,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        scale: f32,
+        expected: Vec<f32>,
+    }
+
+    fn case(
+        (queries, keys, heads, key_size, value_size): (usize, usize, usize, usize, usize),
+    ) -> Case {
+        let shape = Shape {
+            queries,
+            keys,
+            heads,
+            key_size,
+            value_size,
+        };
+        let q = values(queries * heads * key_size, 1);
+        let k = values(keys * heads * key_size, 2);
+        let v = values(keys * heads * value_size, 3);
+        let scale = 1.0 / (key_size as f32).sqrt();
+        let expected = reference(shape, scale, &q, &k, &v);
+        Case {
+            shape,
+            q,
+            k,
+            v,
+            scale,
+            expected,
+        }
+    }
+
     #[test]
     fn matches_the_definition_on_every_block_and_column_remainder() {
         // Tokens and sizes around ROWS and TILE, so partial blocks and tiles run.
-        for (queries, keys, heads, key_size, value_size) in [
+        for sizes in [
             (1, 1, 1, 1, 1),
             (5, 7, 2, 3, 9),
             (17, 17, 4, 16, 16),
@@ -549,20 +610,16 @@ mod tests {
             // Smaller again: the buffers reused from the larger ones are longer than needed.
             (5, 7, 2, 3, 9),
         ] {
-            let shape = Shape {
-                queries,
-                keys,
-                heads,
-                key_size,
-                value_size,
-            };
-            let q = values(queries * heads * key_size, 1);
-            let k = values(keys * heads * key_size, 2);
-            let v = values(keys * heads * value_size, 3);
-            let scale = 1.0 / (key_size as f32).sqrt();
-            let expected = reference(shape, scale, &q, &k, &v);
+            let Case {
+                shape,
+                q,
+                k,
+                v,
+                scale,
+                expected,
+            } = case(sizes);
             for isa in Isa::available_float() {
-                let mut out = vec![f32::NAN; queries * heads * value_size];
+                let mut out = vec![f32::NAN; expected.len()];
                 on_two_threads(|| attend(shape, scale, isa, &q, &k, &v, &mut out)).unwrap();
                 for (got, want) in out.iter().zip(&expected) {
                     assert!(
@@ -571,6 +628,52 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The int8 products (AVX-512 VNNI) against the definition: within int8's rounding, on
+    /// partial blocks, tiles and groups of four, and on two threads. Skipped on a CPU without
+    /// VNNI (it says so).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn int8_products_stay_within_rounding_of_the_definition() {
+        if !Isa::Avx512Vnni.runs_here() {
+            eprintln!("no AVX-512 VNNI here: the int8 attention kernel is not tested");
+            return;
+        }
+        for sizes in [
+            (1, 1, 1, 1, 1),
+            (5, 7, 2, 3, 9),
+            (17, 33, 4, 16, 16),
+            (9, 33, 3, 24, 40),
+            (7, 9, 2, 33, 33),
+            (203, 203, 2, 32, 32),
+            (13, 130, 1, 64, 25),
+        ] {
+            let Case {
+                shape,
+                q,
+                k,
+                v,
+                scale,
+                expected,
+            } = case(sizes);
+            let mut out = vec![f32::NAN; expected.len()];
+            // The kernel itself, whatever the number of keys (`attend` takes it from 128).
+            // SAFETY: the CPU has AVX-512 VNNI (checked above).
+            on_two_threads(|| unsafe { int8::attend(shape, scale, &q, &k, &v, &mut out) });
+            let errors: Vec<f32> = out
+                .iter()
+                .zip(&expected)
+                .map(|(g, e)| (g - e).abs())
+                .collect();
+            let worst = errors.iter().cloned().fold(0f32, f32::max);
+            let mean = errors.iter().sum::<f32>() / errors.len() as f32;
+            // v is within ±2: a wrong scale or zero point errs by tenths or more.
+            assert!(
+                worst < 0.05 && mean < 0.01,
+                "{shape:?}: worst {worst}, mean {mean}"
+            );
         }
     }
 

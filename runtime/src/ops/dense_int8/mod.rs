@@ -153,9 +153,9 @@ impl Eq for DenseLinearInt8 {}
 /// A row's quantization: `x ≈ scale · (q − zero)`, `q` the stored byte as the kernel reads it
 /// (u8, or i8 where the kernel is [`Kernel::signed`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct RowScale {
-    scale: f32,
-    zero: f32,
+pub(crate) struct RowScale {
+    pub(crate) scale: f32,
+    pub(crate) zero: f32,
 }
 
 /// Rows of x quantized for a kernel: `stride` bytes a row (the depth padded to a multiple of
@@ -323,7 +323,7 @@ impl RowScale {
     /// `1 / scale`. The range is widened to hold zero, so that zero is exact (`zero` is a
     /// whole level).
     #[inline(always)]
-    fn for_range(min: f32, max: f32, levels: f32) -> (RowScale, f32) {
+    pub(crate) fn for_range(min: f32, max: f32, levels: f32) -> (RowScale, f32) {
         let (min, max) = (min.min(0.0), max.max(0.0));
         let (scale, inverse) = if max > min {
             ((max - min) / levels, levels / (max - min))
