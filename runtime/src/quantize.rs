@@ -386,10 +386,12 @@ pub(crate) fn unquantize_activations(graph: &mut GraphProto) -> usize {
                 .get(input(node, 1))
                 .is_some_and(|w| w.op_type == "DequantizeLinear" && constants.contains(input(w, 0)))
     };
-    let mut kept: HashSet<&str> = HashSet::new();
-    for node in graph.node.iter().filter(|n| by_weights(n)) {
-        kept.insert(input(node, 0));
-    }
+    let kept: HashSet<&str> = graph
+        .node
+        .iter()
+        .filter(|n| by_weights(n))
+        .map(|n| input(n, 0))
+        .collect();
     let mut unquantized: HashMap<String, String> = HashMap::new();
     for dequantize in graph
         .node

@@ -14,7 +14,7 @@
 use super::Shape;
 use super::avx512::exp_in_place;
 use crate::ops::avx512::{LANES, first_lanes};
-use crate::ops::dense_int8::RowScale;
+use crate::ops::dense_int8::{RowScale, quantize_rows_avx512};
 use crate::ops::rows::for_each_share;
 use crate::ops::{aligned, with_buffer};
 use std::arch::x86_64::*;
@@ -394,26 +394,15 @@ unsafe fn block_of<const R: usize>(
         ..
     } = *panels;
     let (weights, queries) = bytes.split_at_mut(ROWS * padded_keys);
-    // The block's queries, quantized per row.
+    // The block's queries, quantized per row as the dense layers' activations are.
     let mut query_scales = [RowScale::default(); R];
-    for (r, scale) in query_scales.iter_mut().enumerate() {
+    for (r, scale) in query_scales.chunks_exact_mut(1).enumerate() {
         let token = first_query + block + r;
         let row = &job.q[(token * heads + head) * key_size..][..key_size];
-        let (min, max) = row
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-                (lo.min(x), hi.max(x))
-            });
-        let (row_scale, inverse) = RowScale::for_range(min, max, 255.0);
         let quantized = &mut queries[r * groups * 4..][..groups * 4];
-        for (q, &x) in quantized.iter_mut().zip(row) {
-            *q = x
-                .mul_add(inverse, row_scale.zero)
-                .clamp(0.0, 255.0)
-                .round_ties_even() as u8;
-        }
+        // SAFETY: the CPU has AVX-512F (this function's features).
+        unsafe { quantize_rows_avx512(row, key_size, groups * 4, quantized, scale) };
         quantized[key_size..].fill(0);
-        *scale = row_scale;
     }
     // Scores, tile by tile of keys.
     let key_panel = &panels.keys[head * padded_keys * groups * 4..];

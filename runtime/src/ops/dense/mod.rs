@@ -269,6 +269,51 @@ fn in_order_arm_core() -> bool {
 /// `amk,kn->mn`, the output projection's `mbk,bkn->amn` (heads and head size contracted
 /// together), torch's `MatMul`s, and its `Gemm`s, whose W is `[n, contracted]`.
 pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
+    let find = |model: &TypedModel, einsum: usize| {
+        let linear = linear_form(model, einsum, f32::datum_type())?;
+        Ok(linear.map(|linear| Found {
+            x: model.node(einsum).inputs[0],
+            last: einsum,
+            width: linear.width,
+            product: linear,
+        }))
+    };
+    fuse_products(model, find, |linear: Linear, bias, tail, output_shape| {
+        let weight = linear.weight.try_as_plain_ram()?;
+        let mut op = DenseLinear::new(
+            isa,
+            weight.as_slice::<f32>()?,
+            linear.transposed,
+            bias,
+            linear.depth,
+            linear.width,
+            output_shape,
+        )?;
+        op.gelu = tail.gelu;
+        op.residual = tail.residual.is_some();
+        Ok(op)
+    })
+}
+
+/// A product by constant weights that a fusion found at an EinSum.
+pub(crate) struct Found<P> {
+    /// The f32 activations.
+    pub(crate) x: OutletId,
+    /// The node whose output is `x W` in f32 (the EinSum itself, or what rescales its sums).
+    pub(crate) last: usize,
+    pub(crate) width: usize,
+    /// What the operator is built from.
+    pub(crate) product: P,
+}
+
+/// Put an operator in place of each product `find` sees at an EinSum of a decluttered model,
+/// with its [`Tail`]: `build` makes it from the product, the bias, the tail (whose GELU and
+/// residual it takes in) and the output's shape. Returns how many were replaced.
+pub(crate) fn fuse_products<P, O: TypedOp>(
+    model: &mut TypedModel,
+    find: impl Fn(&TypedModel, usize) -> TractResult<Option<Found<P>>>,
+    build: impl Fn(P, Option<&[f32]>, &Tail, TVec<usize>) -> TractResult<O>,
+) -> TractResult<usize> {
     let einsums: Vec<usize> = model
         .nodes()
         .iter()
@@ -277,40 +322,23 @@ pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
         .collect();
     let mut fused = 0;
     for einsum in einsums {
-        let Some(Linear {
-            weight,
-            transposed,
-            depth,
-            width,
-        }) = linear_form(model, einsum, f32::datum_type())?
-        else {
+        let Some(found) = find(model, einsum)? else {
             continue;
         };
-        let node = model.node(einsum);
-        let output_shape: TVec<usize> = match node.outputs[0].fact.shape.as_concrete() {
-            Some(shape) => shape.into(),
-            None => continue,
+        let last = model.outlet_fact(OutletId::new(found.last, 0))?;
+        let Some(output_shape) = last.shape.as_concrete().map(TVec::from) else {
+            continue;
         };
-        let tail = tail_after(model, einsum, width)?;
-        let weight = weight.try_as_plain_ram()?;
+        let tail = tail_after(model, found.last, found.width)?;
         let bias = tail
             .bias
             .as_ref()
             .map(|b| b.try_as_plain_ram())
             .transpose()?;
-        let mut op = DenseLinear::new(
-            isa,
-            weight.as_slice::<f32>()?,
-            transposed,
-            bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?,
-            depth,
-            width,
-            output_shape,
-        )?;
-        op.gelu = tail.gelu;
-        op.residual = tail.residual.is_some();
-        let (name, x) = (node.name.clone(), node.inputs[0]);
-        replace_with(model, &name, op, x, &tail)?;
+        let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
+        let op = build(found.product, bias, &tail, output_shape)?;
+        let name = model.node(einsum).name.clone();
+        replace_with(model, &name, op, found.x, &tail)?;
         fused += 1;
     }
     if fused > 0 {
@@ -330,7 +358,7 @@ pub(crate) struct Tail {
 }
 
 /// The [`Tail`] after the node `product`, `width` wide.
-pub(crate) fn tail_after(model: &TypedModel, product: usize, width: usize) -> TractResult<Tail> {
+fn tail_after(model: &TypedModel, product: usize, width: usize) -> TractResult<Tail> {
     let (bias, last) = match bias_after(model, product, width)? {
         Some((bias, add)) => (Some(bias), add),
         None => (None, product),
@@ -351,7 +379,7 @@ pub(crate) fn tail_after(model: &TypedModel, product: usize, width: usize) -> Tr
 
 /// Put `op`, computed from `x` (and the tail's residual), in place of the product and its
 /// tail.
-pub(crate) fn replace_with(
+fn replace_with(
     model: &mut TypedModel,
     name: &str,
     op: impl Into<Box<dyn TypedOp>>,

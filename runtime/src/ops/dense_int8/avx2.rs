@@ -138,8 +138,9 @@ pub(super) unsafe fn quantize_rows(
         let mut high = _mm256_set1_ps(f32::NEG_INFINITY);
         for c in (0..whole).step_by(LANES) {
             // The accumulator second: a NaN lane keeps it.
-            low = _mm256_min_ps(load(c), low);
-            high = _mm256_max_ps(load(c), high);
+            let x = load(c);
+            low = _mm256_min_ps(x, low);
+            high = _mm256_max_ps(x, high);
         }
         let (mut lows, mut highs) = ([0f32; LANES], [0f32; LANES]);
         // SAFETY: each array holds one vector.

@@ -217,8 +217,9 @@ pub(super) unsafe fn quantize_rows(
         let mut high = _mm512_set1_ps(f32::NEG_INFINITY);
         for c in 0..chunks {
             // The accumulator second: a NaN lane keeps it.
-            low = _mm512_min_ps(load(c), low);
-            high = _mm512_max_ps(load(c), high);
+            let x = load(c);
+            low = _mm512_min_ps(x, low);
+            high = _mm512_max_ps(x, high);
         }
         let (min, max) = (_mm512_reduce_min_ps(low), _mm512_reduce_max_ps(high));
         let (row_scale, inverse) = RowScale::for_range(min, max, levels);

@@ -13,7 +13,7 @@
 
 use super::DenseLinearInt8;
 use crate::ops::Isa;
-use crate::ops::dense::{Linear, linear_form, replace_with, tail_after};
+use crate::ops::dense::{Found, Linear, fuse_products, linear_form};
 use crate::ops::patterns::{is_bin, through_unit_axes};
 use crate::quantize::quantize_symmetric;
 use tract_onnx::tract_core::internal::*;
@@ -25,79 +25,50 @@ use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, 
 /// Replace each quantized product of a decluttered model (see the module) by
 /// [`DenseLinearInt8`] on `isa`'s kernel; returns how many were replaced.
 pub fn fuse_int8_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
-    let einsums: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|node| node.op_is::<EinSum>())
-        .map(|node| node.id)
-        .collect();
-    let mut fused = 0;
-    for einsum in einsums {
-        let found = match integer_product(model, einsum)? {
-            Some(found) => Some(found),
-            None => qdq_product(model, einsum)?,
-        };
-        let Some(product) = found else {
-            continue;
-        };
-        let Some(output_shape) = model
-            .outlet_fact(OutletId::new(product.last, 0))?
-            .shape
-            .as_concrete()
-            .map(TVec::from)
-        else {
-            continue;
-        };
-        let width = product.linear.width;
-        let tail = tail_after(model, product.last, width)?;
-        let bias = tail
-            .bias
-            .as_ref()
-            .map(|b| b.try_as_plain_ram())
-            .transpose()?;
-        let Linear {
-            depth, transposed, ..
-        } = product.linear;
-        let mut op = DenseLinearInt8::new(
-            isa,
-            &product.weight,
-            transposed,
-            &product.scales,
-            bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?,
-            depth,
-            width,
-            output_shape,
-        )?;
-        op.gelu = tail.gelu;
-        op.residual = tail.residual.is_some();
-        let name = model.node(einsum).name.clone();
-        replace_with(model, &name, op, product.x, &tail)?;
-        fused += 1;
-    }
-    if fused > 0 {
-        model.compact()?;
-    }
-    Ok(fused)
+    let find = |model: &TypedModel, einsum: usize| match integer_product(model, einsum)? {
+        Some(found) => Ok(Some(found)),
+        None => qdq_product(model, einsum),
+    };
+    fuse_products(
+        model,
+        find,
+        |weights: Int8Weights, bias, tail, output_shape| {
+            let Linear {
+                depth,
+                width,
+                transposed,
+                ..
+            } = weights.linear;
+            let mut op = DenseLinearInt8::new(
+                isa,
+                &weights.values,
+                transposed,
+                &weights.scales,
+                bias,
+                depth,
+                width,
+                output_shape,
+            )?;
+            op.gelu = tail.gelu;
+            op.residual = tail.residual.is_some();
+            Ok(op)
+        },
+    )
 }
 
-/// A quantized product found in the graph.
-struct Product {
-    /// The f32 activations.
-    x: OutletId,
+/// The weights of a quantized product: the layer, W's int8 values as stored (`[depth, width]`,
+/// or `[width, depth]` if transposed) and their scale per column.
+struct Int8Weights {
     linear: Linear,
-    /// W's int8 values as stored (`[depth, width]`, or `[width, depth]` if transposed) and
-    /// their scale per column.
-    weight: Vec<i8>,
+    values: Vec<i8>,
     scales: Vec<f32>,
-    /// The node whose output is `x W` in f32.
-    last: usize,
 }
 
 /// `quantize(x) → EinSum (i32) → Cast (f32) → Mul(s_x · s_w)` at `einsum`, W symmetric (zero
 /// points zero), where `quantize` is tract's `DynamicQuantizeLinearU8` (s_x its second output,
 /// the factor `Mul(s_x, s_w)`) or a `QuantizeLinear` with a constant scale (the factor a
 /// constant), as earlier `runtime quantize` files have it.
-fn integer_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Product>> {
+fn integer_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Found<Int8Weights>>> {
     let node = model.node(einsum);
     let Some(op) = node.op_as::<EinSum>() else {
         return Ok(None);
@@ -175,13 +146,16 @@ fn integer_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Prod
     let Some(scales) = weight_scales else {
         return Ok(None);
     };
-    let weight = linear.weight.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
-    Ok(Some(Product {
+    let values = linear.weight.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+    Ok(Some(Found {
         x: quantize.inputs[0],
-        linear,
-        weight,
-        scales,
         last: mul.id,
+        width: linear.width,
+        product: Int8Weights {
+            linear,
+            values,
+            scales,
+        },
     }))
 }
 
@@ -202,7 +176,7 @@ fn all_equal(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bo
 /// or an operator tract ran on the quantized values): W is taken back to int8, one symmetric
 /// scale per column (exactly the file's values when it stores them so), and x, already
 /// rounded to the file's levels, is quantized again by row.
-fn qdq_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Product>> {
+fn qdq_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Found<Int8Weights>>> {
     let node = model.node(einsum);
     let dequantize = model.node(node.inputs[0].node);
     if !dequantize.op_is::<DequantizeLinearF32>() {
@@ -224,13 +198,16 @@ fn qdq_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Product>
         false => ([linear.depth, linear.width], 1),
         true => ([linear.width, linear.depth], 0),
     };
-    let (weight, scales) = quantize_symmetric(values, &dims, column_axis);
-    Ok(Some(Product {
+    let (values, scales) = quantize_symmetric(values, &dims, column_axis);
+    Ok(Some(Found {
         x,
-        linear,
-        weight,
-        scales,
         last: einsum,
+        width: linear.width,
+        product: Int8Weights {
+            linear,
+            values,
+            scales,
+        },
     }))
 }
 

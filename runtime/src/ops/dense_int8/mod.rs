@@ -238,6 +238,11 @@ impl DenseLinearInt8 {
         let macs = x.len() * self.width;
         let (block, _) = self.kernel.block(self.width);
         let stride = self.depth.next_multiple_of(4);
+        assert!(
+            self.isa.runs_here(),
+            "{} kernel on a CPU without it",
+            self.isa
+        );
         for_each_share(out, self.width, block, macs, |first_row, out| {
             let rows = out.len() / self.width;
             let x = &x[first_row * self.depth..][..rows * self.depth];
@@ -246,18 +251,15 @@ impl DenseLinearInt8 {
                 with_buffer(&ROW_SCALES, |scales| {
                     let values = aligned(values, rows * stride);
                     scales.resize(rows, RowScale::default());
-                    assert!(
-                        self.isa.runs_here(),
-                        "{} kernel on a CPU without it",
-                        self.isa
-                    );
-                    quantize_rows(self.kernel, x, self.depth, stride, values, scales);
+                    // SAFETY: the CPU runs the kernel's instruction set (checked above).
+                    unsafe { quantize_rows(self.kernel, x, self.depth, stride, values, scales) };
                     let x = QuantizedRows {
                         values,
                         stride,
                         scales,
                     };
-                    self.rows(&x, residual, out);
+                    // SAFETY: as for the quantizer.
+                    unsafe { self.rows(&x, residual, out) };
                 })
             })
         });
@@ -265,14 +267,13 @@ impl DenseLinearInt8 {
 
     /// The output rows `out` from the quantized rows `x` (and `residual`), on the operator's
     /// kernel.
-    fn rows(&self, x: &QuantizedRows, residual: Option<&[f32]>, out: &mut [f32]) {
-        assert!(
-            self.isa.runs_here(),
-            "{} kernel on a CPU without it",
-            self.isa
-        );
+    ///
+    /// # Safety
+    /// The CPU runs the kernel's instruction set.
+    unsafe fn rows(&self, x: &QuantizedRows, residual: Option<&[f32]>, out: &mut [f32]) {
         match self.kernel {
-            // SAFETY: the CPU has the features the kernels are compiled for (checked above).
+            // SAFETY: the CPU has the features the kernels are compiled for (the caller's
+            // promise).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => unsafe { avx512::rows(self, x, residual, out) },
             #[cfg(target_arch = "x86_64")]
@@ -401,7 +402,10 @@ fn finish<K: ArraySums, const R: usize>(
 /// Quantize rows of `depth` values of `x` to `0..=levels`, each with a scale and zero point of
 /// its own, into rows of `stride` bytes (the padding is left as it was: W's is zero): `q =
 /// clamp(x / scale + zero)` rounded to even, NaN to 0, by every kernel alike.
-fn quantize_rows(
+///
+/// # Safety
+/// The CPU runs the kernel's instruction set.
+unsafe fn quantize_rows(
     kernel: Kernel,
     x: &[f32],
     depth: usize,
@@ -413,8 +417,7 @@ fn quantize_rows(
     assert!(values.len() >= rows * stride && scales.len() >= rows && stride >= depth);
     let levels = kernel.levels();
     match kernel {
-        // SAFETY: the CPU has what the kernel needs, which the quantizer's features are part of
-        // (checked by `DenseLinearInt8::rows` before any kernel runs, and by the tests).
+        // SAFETY: the quantizers need a part of their kernel's features (the caller's promise).
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => unsafe {
             avx512::quantize_rows(x, depth, stride, levels, values, scales)
@@ -437,6 +440,22 @@ fn quantize_rows(
             }
         }
     }
+}
+
+/// [`quantize_rows`] to 0..=255 on AVX-512, for the int8 attention's queries.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn quantize_rows_avx512(
+    x: &[f32],
+    depth: usize,
+    stride: usize,
+    values: &mut [u8],
+    scales: &mut [RowScale],
+) {
+    // SAFETY: the caller's promise.
+    unsafe { avx512::quantize_rows(x, depth, stride, u8::MAX, values, scales) }
 }
 
 impl Op for DenseLinearInt8 {
@@ -559,7 +578,8 @@ mod tests {
                     let stride = depth.next_multiple_of(4);
                     let mut q = vec![0u8; rows * stride];
                     let mut row_scales = vec![RowScale::default(); rows];
-                    quantize_rows(op.kernel, &x, depth, stride, &mut q, &mut row_scales);
+                    // SAFETY: the kernel runs here (`available_kernels`).
+                    unsafe { quantize_rows(op.kernel, &x, depth, stride, &mut q, &mut row_scales) };
                     let level = |q: u8| match op.kernel.signed() {
                         true => q as i8 as f64,
                         false => q as f64,
@@ -644,7 +664,8 @@ mod tests {
                     &mut expected.1,
                 );
                 let mut got = (vec![9u8; rows * stride], vec![RowScale::default(); rows]);
-                quantize_rows(kernel, &x, depth, stride, &mut got.0, &mut got.1);
+                // SAFETY: the kernel runs here (`available_kernels`).
+                unsafe { quantize_rows(kernel, &x, depth, stride, &mut got.0, &mut got.1) };
                 if kernel.signed() {
                     // Stored `q − 128`, with the zero point moved alike.
                     for (row, scale) in got.0.chunks_exact_mut(stride).zip(&mut got.1) {
