@@ -9,7 +9,7 @@
 use crate::data::{ImageSet, PreparedSet, Splits};
 use crate::model::{LAYER_NORM_EPSILON, VisionTransformer};
 use crate::onnx_graph::{Attr, Dim, GraphBuilder, encode};
-use crate::training::{BestCheckpoint, TrainError, TrainingConfig, load_run};
+use crate::training::{BestCheckpoint, RunResult, TrainError, TrainingConfig, load_result};
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use runtime::metadata;
@@ -90,10 +90,12 @@ pub fn export(
         return Err(ExportError::Opset(opset));
     }
     let device = crate::backend::device();
-    let (config, model) = load_run(run_dir, &device)?;
-    let best: Option<BestCheckpoint> = std::fs::read_to_string(run_dir.join("best.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok());
+    // The weights and the figures written into the metadata come from one committed state.
+    let RunResult {
+        config,
+        model,
+        best,
+    } = load_result(run_dir, &device)?;
     let mut metadata = metadata_for(&config, best.as_ref());
     if options.with_attention {
         metadata.push((metadata::ATTENTION.into(), ATTENTION_LAYOUT.into()));

@@ -84,7 +84,8 @@ pub fn read_split(dir: &Path, prefix: &str) -> Result<IdxImages, IdxError> {
         ));
     }
     let (count, rows, cols) = (be_u32(&images, 4), be_u32(&images, 8), be_u32(&images, 12));
-    if images.len() != 16 + count * rows * cols {
+    let pixels = count.checked_mul(rows).and_then(|n| n.checked_mul(cols));
+    if pixels.and_then(|n| n.checked_add(16)) != Some(images.len()) {
         return Err(format(&images_path, "length does not match its header"));
     }
     if be_u32(&labels, 4) != count || labels.len() != 8 + count {
@@ -230,5 +231,20 @@ mod tests {
         );
         let err = read_split(dir.path(), "train").err().unwrap().to_string();
         assert!(err.contains("magic"), "{err}");
+    }
+
+    #[test]
+    fn a_header_whose_sizes_overflow_is_a_format_error() {
+        // count × rows × cols overflowed (a panic in debug builds, a wrapped size in release).
+        let dir = tempfile::tempdir().unwrap();
+        let mut images = vec![0, 0, 8, 3];
+        images.extend([u32::MAX; 3].iter().flat_map(|v| v.to_be_bytes()));
+        gz(&dir.path().join("train-images-idx3-ubyte.gz"), &images);
+        gz(
+            &dir.path().join("train-labels-idx1-ubyte.gz"),
+            &[0, 0, 8, 1, 0, 0, 0, 0],
+        );
+        let err = read_split(dir.path(), "train").err().unwrap().to_string();
+        assert!(err.contains("length does not match its header"), "{err}");
     }
 }

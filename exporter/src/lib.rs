@@ -11,6 +11,7 @@ pub mod fashion_mnist;
 pub mod model;
 pub mod onnx_graph;
 pub mod plots;
+pub mod run_folder;
 pub mod synthetic;
 pub mod training;
 

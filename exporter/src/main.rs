@@ -26,7 +26,9 @@ enum Command {
     /// DATA holds one sub-folder per class (sorted names = class order), or `train/` and `val/`
     /// folders of that shape. Without them, a stratified split keeps --val-fraction of each class
     /// for validation. The run folder gets config.json, metrics.jsonl, curves.png, the latest
-    /// checkpoint and the best-by-validation-accuracy weights, each written atomically every epoch.
+    /// checkpoint and the best-by-validation-accuracy weights under per-epoch names, and
+    /// state.json, which names them and is written last every epoch: an interrupted run resumes
+    /// from its last complete epoch.
     Train(Box<TrainArgs>),
     /// Accuracy, per-class accuracy and confusion matrix of a run's best weights on a folder.
     Eval(EvalArgs),

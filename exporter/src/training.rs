@@ -4,20 +4,23 @@
 //! A run folder holds:
 //! - `config.json`: the [`TrainingConfig`] (model, preprocessing, classes, recipe);
 //! - `metrics.jsonl`: one [`EpochMetrics`] line per finished epoch;
-//! - `checkpoint.json` + `model-<epoch>.bpk` + `optimizer-<epoch>.bpk`: the latest epoch;
-//! - `best.json` + `best.bpk`: the weights with the best validation accuracy so far (without a
+//! - `model-epoch-NNNN.bpk` + `optimizer-epoch-NNNN.bpk`: the latest epoch;
+//! - `best-epoch-NNNN.bpk`: the weights with the best validation accuracy so far (without a
 //!   validation split, `--val-fraction 0`: the latest epoch's, the run's result);
-//! - with `--ema`, `ema-<epoch>.bpk`: the latest epoch's weight average, whose validation
-//!   accuracy then chooses `best.bpk` (which holds the average).
-//!
-//! Every file is written atomically and `checkpoint.json` last, so an interrupted run resumes
-//! from the last complete epoch.
+//! - with `--ema`, `ema-epoch-NNNN.bpk`: the latest epoch's weight average, whose validation
+//!   accuracy then chooses the best weights (which hold the average);
+//! - `state.json`: the commit point, naming the files above and carrying the best epoch's
+//!   figures; written last, so an interrupted run resumes from its last complete epoch and
+//!   readers never pair one epoch's weights with another's figures ([`crate::run_folder`]).
 
 use crate::data::{
     Augmentation, Batcher, DataError, ImageSet, PreparedSet, Source, Splits, epoch_order,
 };
 use crate::ema::WeightAverage;
 use crate::model::{ConfigError, Preset, ViTConfig, VisionTransformer};
+use crate::run_folder::{
+    self, CONFIG_FILE, CURVES_FILE, EpochFile, EpochSave, RunState, read_json, write_json,
+};
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
@@ -45,7 +48,7 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    fn run(path: &Path, reason: impl ToString) -> Self {
+    pub(crate) fn run(path: &Path, reason: impl ToString) -> Self {
         TrainError::Run {
             path: path.display().to_string(),
             reason: reason.to_string(),
@@ -224,16 +227,9 @@ pub struct EpochMetrics {
     pub ema_val_accuracy: Option<f64>,
 }
 
-/// `checkpoint.json`: which epoch the `model-<epoch>.bpk`/`optimizer-<epoch>.bpk` pair holds.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub epoch: usize,
-    pub step: usize,
-    #[serde(default)]
-    pub best_val_accuracy: Option<f64>,
-}
+pub use crate::run_folder::read_metrics;
 
-/// `best.json`.
+/// The best epoch's figures (in `state.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BestCheckpoint {
     pub epoch: usize,
@@ -265,12 +261,6 @@ pub trait Progress {
 }
 
 impl Progress for () {}
-
-const CONFIG_FILE: &str = "config.json";
-const METRICS_FILE: &str = "metrics.jsonl";
-const CHECKPOINT_FILE: &str = "checkpoint.json";
-const BEST_FILE: &str = "best.json";
-const BEST_WEIGHTS: &str = "best.bpk";
 
 /// Start a new run in `run_dir` (which must not hold one already).
 pub fn train(
@@ -345,12 +335,13 @@ pub fn train(
         ema: recipe.ema,
     };
     validate_recipe(&config)?;
-    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::run(run_dir, e))?;
+    let session = restore(&config, run_dir, None, Vec::new(), progress)?;
+    run_folder::create(run_dir)?;
     write_json(&run_dir.join(CONFIG_FILE), &config)?;
     run(
         &config,
         run_dir,
-        None,
+        session,
         (train_set, val_set),
         new.stop_after,
         progress,
@@ -373,11 +364,9 @@ fn fine_tuning_source(
             ),
         ));
     }
-    let weights = dir.join(BEST_WEIGHTS);
-    if !weights.is_file() {
-        return Err(TrainError::run(dir, "has no best weights (best.bpk) yet"));
-    }
-    Ok((source, weights))
+    // The file the source's committed state names: the weights, whichever epoch it trains on to.
+    let best = run_folder::read_best(dir)?;
+    Ok((source, best.path))
 }
 
 /// The model and preprocessing of a run started from `new.preset`: the preset with the
@@ -413,15 +402,22 @@ pub fn resume(
     stop_after: Option<usize>,
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
-    let mut config: TrainingConfig = read_json(&run_dir.join(CONFIG_FILE))?;
+    // Everything is checked, and the committed epoch loaded, before anything in the run folder
+    // changes: a refused resume leaves the run as it was.
+    let saved: TrainingConfig = read_json(&run_dir.join(CONFIG_FILE))?;
+    let mut config = saved.clone();
     if let Some(epochs) = epochs {
         config.epochs = epochs;
-        write_json(&run_dir.join(CONFIG_FILE), &config)?;
     }
-    let checkpoint: Option<Checkpoint> = match run_dir.join(CHECKPOINT_FILE).exists() {
-        true => Some(read_json(&run_dir.join(CHECKPOINT_FILE))?),
-        false => None,
-    };
+    validate_recipe(&config)?;
+    let state = run_folder::resumable_state(run_dir)?;
+    let done = state.as_ref().map_or(0, |s| s.epoch);
+    if config.epochs < done {
+        return Err(TrainError::Invalid(format!(
+            "the run has already trained {done} epochs; --epochs must be at least that"
+        )));
+    }
+    let (metrics, stale_metrics) = run_folder::committed_metrics(run_dir, done)?;
     let splits = Splits::from_folder(&config.data, config.val_fraction, config.seed)?;
     if splits.classes != config.classes {
         return Err(DataError::ClassMismatch {
@@ -431,7 +427,16 @@ pub fn resume(
         .into());
     }
     let sets = load_sets(&splits, progress)?;
-    run(&config, run_dir, checkpoint, sets, stop_after, progress)
+    let session = restore(&config, run_dir, state, metrics, progress)?;
+    if config != saved {
+        write_json(&run_dir.join(CONFIG_FILE), &config)?;
+    }
+    // Lines of an epoch a crash kept from committing go, so the file matches the state.
+    if stale_metrics {
+        run_folder::write_metrics(run_dir, &session.metrics)?;
+    }
+    run_folder::tidy(run_dir, session.state.as_ref());
+    run(&config, run_dir, session, sets, stop_after, progress)
 }
 
 fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {
@@ -512,15 +517,28 @@ pub fn learning_rate(
     config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
 }
 
-fn run(
+/// What training continues from: a fresh model and optimizer, or the committed epoch's.
+struct Session {
+    device: Device,
+    train_device: Device,
+    model: VisionTransformer,
+    optimizer: ModuleOptimizer,
+    average: Option<WeightAverage>,
+    /// The committed state, `None` before the first epoch.
+    state: Option<RunState>,
+    /// The committed epochs' metrics.
+    metrics: Vec<EpochMetrics>,
+}
+
+/// The session `state` names in `run_dir` (a fresh one without a state); reads and checks
+/// every file it needs.
+fn restore(
     config: &TrainingConfig,
     run_dir: &Path,
-    checkpoint: Option<Checkpoint>,
-    (train_set, val_set): (ImageSet, ImageSet),
-    stop_after: Option<usize>,
+    state: Option<RunState>,
+    metrics: Vec<EpochMetrics>,
     progress: &mut dyn Progress,
-) -> Result<TrainSummary, TrainError> {
-    let skipped = train_set.skipped.len() + val_set.skipped.len();
+) -> Result<Session, TrainError> {
     let device = crate::backend::device_named(&config.backend).map_err(TrainError::Invalid)?;
     let train_device = device.clone().autodiff();
     device.seed(config.seed);
@@ -528,43 +546,68 @@ fn run(
     let mut optimizer = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
         .init();
-    let mut metrics: Vec<EpochMetrics> = Vec::new();
-    let (mut start_epoch, mut step, mut best_accuracy) = (0, 0, None);
-    if let Some(checkpoint) = &checkpoint {
-        model = load_weights(
-            model,
-            &run_dir.join(format!("model-{}.bpk", checkpoint.epoch)),
-        )?;
-        let optimizer_path = run_dir.join(format!("optimizer-{}.bpk", checkpoint.epoch));
+    if let Some(state) = &state {
+        model = load_weights(model, &run_dir.join(&state.model))?;
+        let optimizer_path = run_dir.join(&state.optimizer);
         let bytes =
             std::fs::read(&optimizer_path).map_err(|e| TrainError::run(&optimizer_path, e))?;
         optimizer = optimizer
             .from_bytes(Bytes::from_bytes_vec(bytes))
             .map_err(|e| TrainError::run(&optimizer_path, e))?;
-        metrics = read_metrics(&run_dir.join(METRICS_FILE))?;
-        metrics.truncate(checkpoint.epoch);
-        (start_epoch, step, best_accuracy) = (
-            checkpoint.epoch,
-            checkpoint.step,
-            checkpoint.best_val_accuracy,
-        );
         progress.message(&format!(
-            "resuming after epoch {} (step {step})",
-            checkpoint.epoch
+            "resuming after epoch {} (step {})",
+            state.epoch, state.step
         ));
     } else if let Some(weights) = &config.init_from {
         model = load_weights(model, weights)?;
         progress.message(&format!("starting from {}", weights.display()));
     }
-    let mut average = match (config.ema, &checkpoint) {
+    let average = match (config.ema, &state) {
         (None, _) => None,
         (Some(decay), None) => Some(WeightAverage::new(model.valid(), decay)),
-        (Some(decay), Some(checkpoint)) => {
-            let path = run_dir.join(format!("ema-{}.bpk", checkpoint.epoch));
-            let saved = load_weights(config.model.init(&device)?, &path)?;
+        (Some(decay), Some(state)) => {
+            let Some(name) = &state.ema else {
+                return Err(TrainError::run(
+                    &run_dir.join(run_folder::STATE_FILE),
+                    "names no weight average, which the run keeps (ema in config.json)",
+                ));
+            };
+            let saved = load_weights(config.model.init(&device)?, &run_dir.join(name))?;
             Some(WeightAverage::new(saved, decay))
         }
     };
+    Ok(Session {
+        device,
+        train_device,
+        model,
+        optimizer,
+        average,
+        state,
+        metrics,
+    })
+}
+
+fn run(
+    config: &TrainingConfig,
+    run_dir: &Path,
+    session: Session,
+    (train_set, val_set): (ImageSet, ImageSet),
+    stop_after: Option<usize>,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary, TrainError> {
+    let skipped = train_set.skipped.len() + val_set.skipped.len();
+    let Session {
+        device,
+        train_device,
+        mut model,
+        mut optimizer,
+        mut average,
+        mut state,
+        mut metrics,
+    } = session;
+    let start_epoch = state.as_ref().map_or(0, |s| s.epoch);
+    let mut step = state.as_ref().map_or(0, |s| s.step);
+    let mut best_accuracy = state.as_ref().and_then(|s| s.best.val_accuracy);
 
     let prepared_train = match config.augmentation {
         None => Some(PreparedSet::new(&train_set, &config.preprocess)?),
@@ -675,35 +718,33 @@ fn run(
         if new_best {
             best_accuracy = selected.map(|s| s.accuracy);
         }
-        let best = new_best.then(|| BestCheckpoint {
-            epoch: epoch + 1,
-            val_accuracy: selected.map(|s| s.accuracy),
-            val_loss: selected.map(|s| s.loss),
-        });
-        save_epoch(
-            run_dir,
+        let save = epoch_save(
+            epoch + 1,
+            step,
             &model,
             &optimizer,
             average.as_ref().map(WeightAverage::model),
+            match (new_best, &state) {
+                (false, Some(state)) => Best::Kept(state),
+                _ => Best::New(BestCheckpoint {
+                    epoch: epoch + 1,
+                    val_accuracy: selected.map(|s| s.accuracy),
+                    val_loss: selected.map(|s| s.loss),
+                }),
+            },
             &metrics,
-            best,
-            step,
-            best_accuracy,
         )?;
+        run_folder::commit(run_dir, &save)?;
+        state = Some(save.state);
         progress.epoch_finished(&epoch_metrics);
     }
-    if let Err(e) = crate::plots::accuracy_curves(&metrics, &run_dir.join("curves.png")) {
+    if let Err(e) = crate::plots::accuracy_curves(&metrics, &run_dir.join(CURVES_FILE)) {
         log::warn!("could not draw the accuracy curves: {e}");
     }
-    let best = run_dir
-        .join(BEST_FILE)
-        .exists()
-        .then(|| read_json(&run_dir.join(BEST_FILE)))
-        .transpose()?;
     Ok(TrainSummary {
         run_dir: run_dir.to_path_buf(),
         epochs: metrics,
-        best,
+        best: state.map(|s| s.best),
         steps: step,
         train_images: train_set.len(),
         val_images: val_set.len(),
@@ -711,63 +752,60 @@ fn run(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save_epoch(
-    run_dir: &Path,
+/// Which weights an epoch commits as the run's best.
+enum Best<'a> {
+    /// This epoch's (the average's, with one), with these figures.
+    New(BestCheckpoint),
+    /// An earlier epoch's, as the previous state names them.
+    Kept(&'a RunState),
+}
+
+/// Everything epoch `epoch` (counting from 1) writes, ready for [`run_folder::commit`].
+fn epoch_save<'a>(
+    epoch: usize,
+    step: usize,
     model: &VisionTransformer,
     optimizer: &ModuleOptimizer,
     average: Option<&VisionTransformer>,
-    metrics: &[EpochMetrics],
-    new_best: Option<BestCheckpoint>,
-    step: usize,
-    best_val_accuracy: Option<f64>,
-) -> Result<(), TrainError> {
-    let epoch = metrics.len();
+    best: Best,
+    metrics: &'a [EpochMetrics],
+) -> Result<EpochSave<'a>, TrainError> {
     let weights = model_bytes(model)?;
     let average_weights = average.map(model_bytes).transpose()?;
-    if let Some(bytes) = &average_weights {
-        write_bytes(&run_dir.join(format!("ema-{epoch}.bpk")), bytes)?;
-    }
     let optimizer_bytes = optimizer
         .into_bytes()
-        .map_err(|e| TrainError::run(run_dir, e))?;
-    write_bytes(&run_dir.join(format!("model-{epoch}.bpk")), &weights)?;
-    write_bytes(
-        &run_dir.join(format!("optimizer-{epoch}.bpk")),
-        &optimizer_bytes,
-    )?;
-    let mut lines = String::new();
-    for m in metrics {
-        lines.push_str(&serde_json::to_string(m).expect("metrics serialise"));
-        lines.push('\n');
-    }
-    write_bytes(&run_dir.join(METRICS_FILE), lines.as_bytes())?;
-    if let Some(best) = new_best {
-        write_bytes(
-            &run_dir.join(BEST_WEIGHTS),
-            average_weights.as_ref().unwrap_or(&weights),
-        )?;
-        write_json(&run_dir.join(BEST_FILE), &best)?;
-    }
-    write_json(
-        &run_dir.join(CHECKPOINT_FILE),
-        &Checkpoint {
-            epoch,
-            step,
-            best_val_accuracy,
-        },
-    )?;
-    // The previous epoch's pair is superseded only once the new one is committed.
-    if epoch > 1 {
-        for name in [
-            format!("model-{}.bpk", epoch - 1),
-            format!("optimizer-{}.bpk", epoch - 1),
-            format!("ema-{}.bpk", epoch - 1),
-        ] {
-            let _ = std::fs::remove_file(run_dir.join(name));
+        .map_err(|e| TrainError::Invalid(format!("cannot record the optimizer ({e})")))?;
+    let mut files = Vec::new();
+    let (best_weights, best) = match best {
+        Best::New(figures) => {
+            let name = EpochFile::Best.name(epoch);
+            let result = average_weights.as_ref().unwrap_or(&weights).clone();
+            files.push((name.clone(), result));
+            (name, figures)
         }
+        Best::Kept(previous) => (previous.best_weights.clone(), previous.best.clone()),
+    };
+    let state = RunState {
+        epoch,
+        step,
+        model: EpochFile::Model.name(epoch),
+        optimizer: EpochFile::Optimizer.name(epoch),
+        ema: average_weights
+            .is_some()
+            .then(|| EpochFile::Average.name(epoch)),
+        best_weights,
+        best,
+    };
+    files.push((state.model.clone(), weights));
+    files.push((state.optimizer.clone(), optimizer_bytes.to_vec()));
+    if let (Some(name), Some(bytes)) = (&state.ema, average_weights) {
+        files.push((name.clone(), bytes));
     }
-    Ok(())
+    Ok(EpochSave {
+        files,
+        metrics,
+        state,
+    })
 }
 
 fn model_bytes(model: &VisionTransformer) -> Result<Vec<u8>, TrainError> {
@@ -785,6 +823,15 @@ pub fn load_weights(
     path: &Path,
 ) -> Result<VisionTransformer, TrainError> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::run(path, e))?;
+    load_weights_from(model, bytes, path)
+}
+
+/// [`load_weights`] of the content of `path`, already read.
+fn load_weights_from(
+    model: VisionTransformer,
+    bytes: Vec<u8>,
+    path: &Path,
+) -> Result<VisionTransformer, TrainError> {
     let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
         .map_err(|e| TrainError::run(path, format!("not a readable checkpoint ({e})")))?;
     model
@@ -954,43 +1001,35 @@ fn clip_global_norm(model: &VisionTransformer, grads: &mut GradientsParams, max_
     model.visit(&mut Scale { grads, factor });
 }
 
+/// A run's result as eval and export read it, from its one committed state: the configuration,
+/// the best weights (the latest epoch's in runs without validation) and their figures.
+pub struct RunResult {
+    pub config: TrainingConfig,
+    pub model: VisionTransformer,
+    /// Absent only in runs of older versions that lack `best.json`.
+    pub best: Option<BestCheckpoint>,
+}
+
+/// The run in `run_dir` as [`RunResult`]: its best weights, loaded, with their figures.
+pub fn load_result(run_dir: &Path, device: &Device) -> Result<RunResult, TrainError> {
+    let config: TrainingConfig = read_json(&run_dir.join(CONFIG_FILE))?;
+    let best = run_folder::read_best(run_dir)?;
+    let model = load_weights_from(config.model.init(device)?, best.bytes, &best.path)?;
+    Ok(RunResult {
+        config,
+        model,
+        best: best.figures,
+    })
+}
+
 /// The configuration and best weights of a finished (or interrupted) run, ready for eval or
-/// export. Falls back to the latest checkpoint when no epoch has been validated.
+/// export.
 pub fn load_run(
     run_dir: &Path,
     device: &Device,
 ) -> Result<(TrainingConfig, VisionTransformer), TrainError> {
-    let config: TrainingConfig = read_json(&run_dir.join(CONFIG_FILE))?;
-    let weights = if run_dir.join(BEST_WEIGHTS).exists() {
-        run_dir.join(BEST_WEIGHTS)
-    } else {
-        let checkpoint: Checkpoint = read_json(&run_dir.join(CHECKPOINT_FILE))?;
-        run_dir.join(format!("model-{}.bpk", checkpoint.epoch))
-    };
-    let model = load_weights(config.model.init(device)?, &weights)?;
-    Ok((config, model))
-}
-
-pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::run(path, e))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| TrainError::run(path, e)))
-        .collect()
-}
-
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
-    let text = serde_json::to_string_pretty(value).expect("run files serialise");
-    write_bytes(path, text.as_bytes())
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::run(path, e))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::run(path, format!("unreadable ({e})")))
-}
-
-fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    runtime::write_atomic(path, bytes).map_err(|e| TrainError::run(path, e))
+    let result = load_result(run_dir, device)?;
+    Ok((result.config, result.model))
 }
 
 #[cfg(test)]

@@ -92,10 +92,11 @@ fn metadata_round_trips() {
     assert_eq!(meta[key::PRESET], "tiny");
     let model: exporter::ViTConfig = serde_json::from_str(&meta[key::MODEL_CONFIG]).unwrap();
     assert_eq!(model, config.model);
-    let best: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
     let accuracy: f64 = meta[key::VAL_ACCURACY].parse().unwrap();
-    assert!((accuracy - best["val_accuracy"].as_f64().unwrap()).abs() < 1e-6);
+    assert!((accuracy - state["best"]["val_accuracy"].as_f64().unwrap()).abs() < 1e-6);
+    assert_eq!(meta[key::VAL_EPOCH], state["best"]["epoch"].to_string());
 }
 
 #[test]
@@ -123,16 +124,29 @@ fn broken_checkpoints_fail_clearly_and_write_nothing() {
     let run = trained_run(dir.path());
     let out = dir.path().join("model.onnx");
 
-    let weights = std::fs::read(run.join("best.bpk")).unwrap();
-    std::fs::write(run.join("best.bpk"), &weights[..weights.len() / 2]).unwrap();
+    let best = run.join(
+        exporter::run_folder::read_state(&run)
+            .unwrap()
+            .unwrap()
+            .best_weights,
+    );
+    let name = best.file_name().unwrap().to_str().unwrap().to_string();
+    let weights = std::fs::read(&best).unwrap();
+    std::fs::write(&best, &weights[..weights.len() / 2]).unwrap();
     let err = export::export(&run, &out, &ExportOptions::default()).unwrap_err();
     assert!(matches!(err, ExportError::Run(_)), "{err}");
-    assert!(err.to_string().contains("best.bpk"), "{err}");
+    assert!(err.to_string().contains(&name), "{err}");
     assert!(!out.exists());
 
-    std::fs::write(run.join("best.bpk"), b"garbage").unwrap();
+    std::fs::write(&best, b"garbage").unwrap();
     let err = export::export(&run, &out, &ExportOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("best.bpk"), "{err}");
+    assert!(err.to_string().contains(&name), "{err}");
+    assert!(!out.exists());
+
+    // The state that names the weights and carries their figures: unreadable is an error.
+    std::fs::write(run.join("state.json"), b"{ \"epoch\": ").unwrap();
+    let err = export::export(&run, &out, &ExportOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("state.json"), "{err}");
     assert!(!out.exists());
 
     std::fs::write(run.join("config.json"), b"{ not json").unwrap();

@@ -3,6 +3,7 @@
 
 use exporter::Preset;
 use exporter::data::{Batcher, ImageFolder, ImageSet, PreparedSet, Source};
+use exporter::run_folder::{self, RunState};
 use exporter::training::{self, ModelOverrides, NewRun, Recipe, TrainSummary};
 use rand::SeedableRng;
 use std::path::Path;
@@ -32,6 +33,13 @@ fn dataset(dir: &Path) -> std::path::PathBuf {
 
 fn train(data: &Path, run: &Path, epochs: usize) -> TrainSummary {
     training::train(new_run(data, epochs), run, &mut ()).unwrap()
+}
+
+/// The run's committed `state.json`.
+fn state(run: &Path) -> RunState {
+    run_folder::read_state(run)
+        .unwrap()
+        .expect("a committed epoch")
 }
 
 /// The first epoch of `new`'s schedule, as a call interrupted there leaves it for `resume`.
@@ -64,24 +72,35 @@ fn tiny_model_learns_and_beats_chance() {
         "validation accuracy {:?} is near chance (0.33)",
         best.val_accuracy
     );
-    for file in [
-        "config.json",
-        "metrics.jsonl",
-        "checkpoint.json",
-        "best.json",
-        "best.bpk",
-        "model-5.bpk",
-        "curves.png",
-    ] {
-        assert!(
-            dir.path().join("run").join(file).is_file(),
-            "{file} missing"
-        );
-    }
-    assert!(
-        !dir.path().join("run/model-4.bpk").exists(),
-        "superseded checkpoint kept"
+    let run = dir.path().join("run");
+    let state = state(&run);
+    assert_eq!((state.epoch, state.step), (5, 5 * 18));
+    assert_eq!(state.best, best);
+    assert_eq!(
+        state.best_weights,
+        format!("best-epoch-{:04}.bpk", best.epoch)
     );
+    assert_eq!(
+        (state.model.as_str(), state.optimizer.as_str(), &state.ema),
+        ("model-epoch-0005.bpk", "optimizer-epoch-0005.bpk", &None)
+    );
+    // Exactly the files the state names, and the run's own: superseded epochs are deleted.
+    let mut files: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    let mut expected = vec![
+        "config.json".to_string(),
+        "curves.png".into(),
+        "metrics.jsonl".into(),
+        "state.json".into(),
+        state.model.clone(),
+        state.optimizer.clone(),
+        state.best_weights.clone(),
+    ];
+    expected.sort();
+    assert_eq!(files, expected);
 }
 
 #[test]
@@ -155,7 +174,8 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
     let run = dir.path().join("resumed");
     let first = train_first_epoch(with_average(), &run);
     assert_eq!(first.epochs.len(), 1);
-    assert!(run.join("ema-1.bpk").is_file());
+    assert_eq!(state(&run).ema.as_deref(), Some("ema-epoch-0001.bpk"));
+    assert!(run.join("ema-epoch-0001.bpk").is_file());
     let resumed = training::resume(&run, None, None, &mut ()).unwrap();
     for (a, b) in resumed.epochs.iter().zip(&straight.epochs) {
         let (a_loss, b_loss) = (a.ema_val_loss.unwrap(), b.ema_val_loss.unwrap());
@@ -165,7 +185,8 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
             a.epoch
         );
     }
-    assert!(run.join("ema-3.bpk").is_file() && !run.join("ema-2.bpk").exists());
+    assert_eq!(state(&run).ema.as_deref(), Some("ema-epoch-0003.bpk"));
+    assert!(run.join("ema-epoch-0003.bpk").is_file() && !run.join("ema-epoch-0002.bpk").exists());
 }
 
 #[test]
@@ -187,9 +208,11 @@ fn a_zero_validation_fraction_trains_on_every_image_and_keeps_the_last_epoch() {
     let best = summary.best.unwrap();
     assert_eq!((best.epoch, best.val_accuracy), (2, None));
     // The result is the last epoch's weight average, byte for byte.
+    let state = state(&run);
+    assert_eq!(state.best_weights, "best-epoch-0002.bpk");
     assert_eq!(
-        std::fs::read(run.join("best.bpk")).unwrap(),
-        std::fs::read(run.join("ema-2.bpk")).unwrap()
+        std::fs::read(run.join(&state.best_weights)).unwrap(),
+        std::fs::read(run.join(state.ema.unwrap())).unwrap()
     );
     assert!(run.join("curves.png").is_file());
 
@@ -245,7 +268,12 @@ fn fine_tuning_starts_from_the_source_runs_best_weights() {
     )
     .unwrap();
     assert_eq!(config["augmentation"]["erase"], 0.5);
-    assert!(config["init_from"].as_str().unwrap().ends_with("best.bpk"));
+    // The source's best weights by the file its committed state names.
+    let source_best = source.join(state(&source).best_weights);
+    assert_eq!(
+        config["init_from"].as_str().unwrap(),
+        source_best.to_str().unwrap()
+    );
 
     // The data must have the source's classes.
     let other = dir.path().join("other");

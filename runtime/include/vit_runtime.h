@@ -32,8 +32,11 @@ typedef struct {
  * `threads` feature takes 0 or 1). NULL on failure. */
 VitClassifier *vit_classifier_new(const char *model_path, size_t top_k, size_t threads);
 
-/* Classify a width x height frame whose rows are stride bytes apart. Writes up to capacity
- * predictions, best first, to out and their number to *written. 0 on success, -1 on failure. */
+/* Classify a width x height frame whose rows are stride bytes apart; pixels holds
+ * stride * (height - 1) bytes plus one row, read at increasing addresses: a bottom-up buffer's
+ * negative stride (a huge size_t) fails cleanly instead of being trusted. Writes up to
+ * capacity predictions (at most top_k), best first, to out and their number to *written.
+ * 0 on success, -1 on failure (vit_last_error says why). */
 int vit_classify(VitClassifier *classifier, const uint8_t *pixels, uint32_t width,
                  uint32_t height, size_t stride, int format, VitPrediction *out,
                  size_t capacity, size_t *written);

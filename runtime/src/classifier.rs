@@ -153,10 +153,8 @@ impl Classifier {
     /// [`Classifier::infer`], also returning every output of the plan: the logits first, then
     /// the attention maps of a model loaded with them (`runtime explain`).
     pub fn run(&mut self) -> Result<TVec<TValue>, ClassifyError> {
-        let outputs = self
-            .state
-            .run(tvec!(TValue::from_const(self.input.clone())))
-            .map_err(|e| ClassifyError::Inference(format!("{e:#}")))?;
+        let input = tvec!(TValue::from_const(self.input.clone()));
+        let outputs = guarded_run(&mut self.state, |state| state.run(input))?;
         self.read_logits(&outputs)?;
         Ok(outputs)
     }
@@ -179,18 +177,15 @@ impl Classifier {
     /// plan order of first appearance). Slower than `infer` by the timing; for `runtime bench
     /// --profile`, not the frame loop.
     pub fn infer_profiled(&mut self, profile: &mut Profile) -> Result<&TopK, ClassifyError> {
-        let outputs = self
-            .state
-            .run_plan_with_eval(
-                tvec!(TValue::from_const(self.input.clone())),
-                |context, state, node, inputs| {
-                    let started = Instant::now();
-                    let outputs = tract_onnx::tract_core::plan::eval(context, state, node, inputs);
-                    profile.add(&node.op.name(), started.elapsed());
-                    outputs
-                },
-            )
-            .map_err(|e| ClassifyError::Inference(format!("{e:#}")))?;
+        let input = tvec!(TValue::from_const(self.input.clone()));
+        let outputs = guarded_run(&mut self.state, |state| {
+            state.run_plan_with_eval(input, |context, state, node, inputs| {
+                let started = Instant::now();
+                let outputs = tract_onnx::tract_core::plan::eval(context, state, node, inputs);
+                profile.add(&node.op.name(), started.elapsed());
+                outputs
+            })
+        })?;
         self.read_logits(&outputs)?;
         Ok(&self.top)
     }
@@ -230,12 +225,30 @@ impl Profile {
     }
 }
 
+/// Run `body` (a run of the plan): an error, or a panic escaping tract, becomes
+/// [`ClassifyError::Inference`], and the state drops what the failed run left in it (the input
+/// among it), so the next frame runs as if nothing had happened.
+fn guarded_run(
+    state: &mut TypedSimpleState,
+    body: impl FnOnce(&mut TypedSimpleState) -> tract_onnx::prelude::TractResult<TVec<TValue>>,
+) -> Result<TVec<TValue>, ClassifyError> {
+    let error = match crate::catch_panic(|| body(state)) {
+        Ok(Ok(outputs)) => return Ok(outputs),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(panic) => format!("internal error (panic) in tract: {panic}"),
+    };
+    let _ = state.reset_turn();
+    Err(ClassifyError::Inference(error))
+}
+
 /// Give `write` the input tensor's values; between runs tract holds no reference to it.
 fn write_input(
     input: &mut Arc<Tensor>,
     write: impl FnOnce(&mut [f32]) -> Result<(), ClassifyError>,
 ) -> Result<(), ClassifyError> {
-    let input = Arc::get_mut(input).expect("tract released the input after the last run");
+    let input = Arc::get_mut(input).ok_or_else(|| {
+        ClassifyError::Inference("the last run still holds the input tensor".into())
+    })?;
     let mut plain = input
         .try_as_plain_ram_mut()
         .map_err(|e| ClassifyError::Inference(e.to_string()))?;

@@ -159,7 +159,12 @@ impl Explainer {
             };
             let shape = output.shape().to_vec();
             match shape[..] {
-                [1, n, m] if n == m && n > 1 => tokens = n,
+                [1, n, m] if n == m && n > 1 && (tokens == 0 || n == tokens) => tokens = n,
+                [1, n, m] if n == m && n > 1 => {
+                    return Err(bad(format!(
+                        "over {n} tokens where the layers before it have {tokens}"
+                    )));
+                }
                 _ => return Err(bad(format!("shaped {shape:?}, not [1, tokens, tokens]"))),
             }
             if PatchMap::new(vec![0.0; tokens - 1]).is_none() {

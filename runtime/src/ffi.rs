@@ -8,7 +8,6 @@ use crate::model::{Model, ModelOptions};
 use crate::preprocess::{FrameRef, PixelFormat};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
 /// An opaque classifier and its labels as C strings.
@@ -40,14 +39,14 @@ fn set_error(message: String) {
 
 /// Run `body`, turning an error or a panic into `failed` and a message for `vit_last_error`.
 fn guarded<T>(failed: T, body: impl FnOnce() -> Result<T, String>) -> T {
-    match catch_unwind(AssertUnwindSafe(body)) {
+    match crate::catch_panic(body) {
         Ok(Ok(value)) => value,
         Ok(Err(message)) => {
             set_error(message);
             failed
         }
-        Err(_) => {
-            set_error("internal error (panic) in the runtime".into());
+        Err(panic) => {
+            set_error(format!("internal error (panic) in the runtime: {panic}"));
             failed
         }
     }
@@ -127,17 +126,20 @@ pub unsafe extern "C" fn vit_classify(
             VIT_BGR8 => PixelFormat::Bgr8,
             other => return Err(format!("unknown pixel format {other}")),
         };
-        if width == 0 || height == 0 {
-            return Err(format!("empty frame {width}x{height}"));
+        let len =
+            FrameRef::required_bytes(width, height, stride, format).map_err(|e| e.to_string())?;
+        if (pixels as usize).checked_add(len).is_none() {
+            return Err("the pixel buffer would end beyond the address space".into());
         }
-        let row = width as usize * format.bytes_per_pixel();
-        if stride < row {
-            return Err(format!(
-                "stride {stride} is shorter than a row of {row} bytes"
-            ));
+        if !out.is_aligned() {
+            return Err("out is not aligned for VitPrediction".into());
         }
-        let len = stride * (height as usize - 1) + row;
-        // SAFETY: the caller guarantees the handle, the buffer length and `out`'s capacity.
+        // At most MAX_TOP_K predictions are written, so a larger capacity (SIZE_MAX, say)
+        // promises nothing more: the slice never claims more than that.
+        let capacity = capacity.min(crate::MAX_TOP_K);
+        // SAFETY: the caller guarantees the handle, that `pixels` holds `len` bytes (the
+        // documented `stride × (height - 1)` plus one row, computed without overflow above)
+        // and that `out` has room for `capacity` predictions.
         let (vit, data, out) = unsafe {
             (
                 &mut *classifier,

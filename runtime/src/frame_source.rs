@@ -15,7 +15,7 @@ pub enum FrameFault {
     TruncatedJpeg,
     #[error("malformed JPEG: expected a marker at byte {offset}")]
     BadMarker { offset: usize },
-    #[error("JPEG larger than {limit} bytes (see --max-frame-bytes)")]
+    #[error("JPEG larger than {limit} bytes (see --max-jpeg-bytes)")]
     TooLarge { limit: usize },
     #[error("{skipped} bytes of data that is not a JPEG")]
     NotJpeg { skipped: usize },

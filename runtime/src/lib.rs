@@ -48,7 +48,7 @@ pub mod stream;
 pub mod threads;
 pub mod yuv;
 
-pub use atomic_file::{write_atomic, write_atomic_with};
+pub use atomic_file::{sync_dir, write_atomic, write_atomic_with};
 pub use classifier::{Classifier, ClassifyError, FrameTimings, MAX_TOP_K, Prediction, TopK};
 pub use decode::{DecodeError, DecodedImage, decode_bytes, decode_file};
 pub use model::{Model, ModelError, ModelOptions};
@@ -61,6 +61,32 @@ pub use stream::{
     KeepPolicy, StreamConfig, StreamError, StreamEvent, StreamFormat, StreamSummary, run_stream,
 };
 pub use threads::set_threads;
+
+/// Run `body`; a panic in it (inside tract, say) becomes `Err` with its message, so library
+/// callers get an error instead of an unwinding stack. With `panic = "abort"` nothing is
+/// caught: there the checks before tract are what keeps bad input from panicking.
+pub(crate) fn catch_panic<T>(body: impl FnOnce() -> T) -> Result<T, String> {
+    CATCHING.with(|depth| depth.set(depth.get() + 1));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+    CATCHING.with(|depth| depth.set(depth.get() - 1));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into())
+    })
+}
+
+thread_local! {
+    static CATCHING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether a panic on this thread now would be caught and returned as an error by the
+/// library. A program's panic hook can stay quiet then: the error reaches the caller anyway.
+pub fn panic_is_caught_here() -> bool {
+    CATCHING.with(|depth| depth.get() > 0)
+}
 
 /// Re-exported so the exporter verifies its graphs with exactly the runtime's tract.
 pub use tract_onnx;

@@ -298,6 +298,13 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // A panic the library catches comes back as an error, printed once below.
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !runtime::panic_is_caught_here() {
+            report_panic(info);
+        }
+    }));
     match run(Cli::parse()) {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
@@ -506,12 +513,13 @@ fn logits(args: &ModelArgs, input: &Path, batch: usize, json: bool) -> Result<()
     let model = args.load()?.model;
     let per_item = model.preprocess.tensor_len();
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    if bytes.len() != batch * per_item * 4 {
+    let needed = batch.checked_mul(per_item * 4).filter(|_| batch > 0);
+    if needed != Some(bytes.len()) {
         bail!(
             "{} holds {} bytes; {batch} inputs of {per_item} f32 need {}",
             input.display(),
             bytes.len(),
-            batch * per_item * 4
+            needed.map_or("more than memory holds".into(), |n| n.to_string())
         );
     }
     let values: Vec<f32> = bytes

@@ -34,6 +34,10 @@ pub enum ModelError {
     Mismatch(String),
     #[error("tract cannot prepare the model: {0}")]
     Tract(String),
+    #[error("malformed model: {0}")]
+    Malformed(String),
+    #[error("internal error (panic) while loading the model: {0}")]
+    Panic(String),
     #[error("{0}")]
     Precision(String),
     #[error(transparent)]
@@ -115,7 +119,15 @@ impl Model {
         Model::from_bytes(&bytes, options)
     }
 
+    /// Load a model from the bytes of an ONNX file. A malformed file is an error, never a
+    /// panic: what tract asserts on is checked first, and in builds that unwind a panic that
+    /// still escapes tract becomes [`ModelError::Panic`].
     pub fn from_bytes(bytes: &[u8], options: &ModelOptions) -> Result<Model, ModelError> {
+        crate::catch_panic(|| Model::from_bytes_unguarded(bytes, options))
+            .unwrap_or_else(|message| Err(ModelError::Panic(message)))
+    }
+
+    fn from_bytes_unguarded(bytes: &[u8], options: &ModelOptions) -> Result<Model, ModelError> {
         let tract = |e: tract_onnx::prelude::TractError| ModelError::Tract(format!("{e:#}"));
         let (isa, isa_forced) = Isa::choose(options.isa)?;
         let mut onnx = tract_onnx::onnx();
@@ -137,6 +149,7 @@ impl Model {
         if graph.node.is_empty() {
             return Err(ModelError::NotOnnx("the graph has no nodes".into()));
         }
+        check_wiring(graph)?;
         let metadata: BTreeMap<String, String> = proto
             .metadata_props
             .iter()
@@ -247,9 +260,12 @@ impl Model {
             .name
             .clone();
         let outlets = model.output_outlets().map_err(tract)?.to_vec();
-        let output_name = model.node(outlets[0].node).name.clone();
+        let logits = *outlets
+            .first()
+            .ok_or_else(|| ModelError::Malformed("the graph has no outputs".into()))?;
+        let output_name = model.node(logits.node).name.clone();
         // Outputs beyond the logits (attention maps) cost time: keep them only when asked.
-        let mut keep = vec![outlets[0]];
+        let mut keep = vec![logits];
         if options.attention {
             let attention = graph
                 .output
@@ -270,6 +286,21 @@ impl Model {
             .into_typed()
             .and_then(|typed| typed.into_decluttered())
             .map_err(tract)?;
+        // Checked before the fusions, which assume at least one class.
+        let output = typed.output_fact(0).map_err(tract)?;
+        let classes = match output.shape.as_concrete() {
+            Some([1, 0]) => {
+                return Err(ModelError::Mismatch(
+                    "the model's logits have 0 classes".into(),
+                ));
+            }
+            Some(dims) if dims.len() == 2 && dims[0] == 1 => dims[1],
+            _ => {
+                return Err(ModelError::Mismatch(format!(
+                    "the model's output is {output:?}, not [1, classes] logits"
+                )));
+            }
+        };
         if precision == Precision::F16 {
             if !tract_linalg::has_fp16() {
                 log::warn!(
@@ -297,15 +328,6 @@ impl Model {
         let mut optimized = typed.into_optimized().map_err(tract)?;
         crate::ops::softmax::use_row_softmax(&mut optimized, isa);
         crate::ops::layer_norm::use_isa(&mut optimized, isa);
-        let output = optimized.output_fact(0).map_err(tract)?;
-        let classes = match output.shape.as_concrete() {
-            Some(dims) if dims.len() == 2 && dims[0] == 1 => dims[1],
-            _ => {
-                return Err(ModelError::Mismatch(format!(
-                    "the model's output is {output:?}, not [1, classes] logits"
-                )));
-            }
-        };
         let labels = match options
             .labels
             .clone()
@@ -412,6 +434,47 @@ impl Model {
         }
         operators
     }
+}
+
+/// What tract-onnx asserts on rather than checks: the graph has outputs, and every value a node
+/// or an output reads is a graph input, an initializer or some node's output.
+fn check_wiring(graph: &tract_onnx::pb::GraphProto) -> Result<(), ModelError> {
+    if graph.output.is_empty() {
+        return Err(ModelError::Malformed("the graph has no outputs".into()));
+    }
+    let known: std::collections::HashSet<&str> = graph
+        .input
+        .iter()
+        .map(|input| input.name.as_str())
+        .chain(graph.initializer.iter().map(|init| init.name.as_str()))
+        .chain(
+            graph
+                .node
+                .iter()
+                .flat_map(|node| node.output.iter().map(String::as_str)),
+        )
+        .collect();
+    for output in &graph.output {
+        if !known.contains(output.name.as_str()) {
+            return Err(ModelError::Malformed(format!(
+                "the graph output {:?} is not produced by any node",
+                output.name
+            )));
+        }
+    }
+    for node in &graph.node {
+        if let Some(input) = node
+            .input
+            .iter()
+            .find(|input| !input.is_empty() && !known.contains(input.as_str()))
+        {
+            return Err(ModelError::Malformed(format!(
+                "node {:?} ({}) reads {input:?}, which nothing produces",
+                node.name, node.op_type
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The instruction-set extensions tract detected on this CPU and chooses kernels by.

@@ -31,6 +31,16 @@ pub enum PreprocessError {
         needed: usize,
         actual: usize,
     },
+    #[error("stride {stride} is shorter than a row of {row} bytes")]
+    StrideTooShort { stride: usize, row: usize },
+    #[error(
+        "a {width}x{height} frame with rows {stride} bytes apart spans more bytes than memory holds"
+    )]
+    FrameTooLarge {
+        width: u32,
+        height: u32,
+        stride: usize,
+    },
     #[error("output tensor holds {actual} values, the model input needs {needed}")]
     OutputSize { needed: usize, actual: usize },
     #[error("crop region {0:?} lies outside the frame")]
@@ -194,16 +204,36 @@ impl<'a> FrameRef<'a> {
         }
     }
 
-    fn check(&self) -> Result<(), PreprocessError> {
-        if self.width == 0 || self.height == 0 {
-            return Err(PreprocessError::EmptyFrame {
-                width: self.width,
-                height: self.height,
-            });
+    /// The bytes a `width`×`height` frame's buffer must hold: `stride × (height − 1)` plus one
+    /// row. Computed without overflow: a stride near `usize::MAX` (a bottom-up image's negative
+    /// stride passed as unsigned) is an error, not a wrapped small number.
+    pub fn required_bytes(
+        width: u32,
+        height: u32,
+        stride: usize,
+        format: PixelFormat,
+    ) -> Result<usize, PreprocessError> {
+        if width == 0 || height == 0 {
+            return Err(PreprocessError::EmptyFrame { width, height });
         }
-        let row = self.width as usize * self.format.bytes_per_pixel();
-        let needed = self.stride.max(row) * (self.height as usize - 1) + row;
-        if self.stride < row || self.data.len() < needed {
+        let row = width as usize * format.bytes_per_pixel();
+        if stride < row {
+            return Err(PreprocessError::StrideTooShort { stride, row });
+        }
+        stride
+            .checked_mul(height as usize - 1)
+            .and_then(|rows| rows.checked_add(row))
+            .filter(|&bytes| bytes <= isize::MAX as usize)
+            .ok_or(PreprocessError::FrameTooLarge {
+                width,
+                height,
+                stride,
+            })
+    }
+
+    fn check(&self) -> Result<(), PreprocessError> {
+        let needed = Self::required_bytes(self.width, self.height, self.stride, self.format)?;
+        if self.data.len() < needed {
             return Err(PreprocessError::FrameTooShort {
                 width: self.width,
                 height: self.height,
@@ -695,6 +725,37 @@ mod tests {
             Err(PreprocessError::BadRegion(_))
         ));
         assert!(PatchPipeline::new(PreprocessConfig::new(4, 2)).is_err());
+    }
+
+    #[test]
+    fn a_stride_that_wraps_is_refused_not_trusted() {
+        // A bottom-up image's stride of -1920 passed as unsigned: `stride × 1 + row` wrapped to
+        // 2 bytes, which the 2-byte buffer "held", and row 1 was then read out of bounds.
+        let data = [7u8; 2];
+        let wrapping = FrameRef {
+            data: &data,
+            width: 1922,
+            height: 2,
+            stride: 0usize.wrapping_sub(1920),
+            format: PixelFormat::Gray8,
+        };
+        let mut pipeline = PatchPipeline::new(identity_config(2, 1)).unwrap();
+        assert!(matches!(
+            pipeline.run(&wrapping, &mut [0.0; 4]),
+            Err(PreprocessError::FrameTooLarge { .. })
+        ));
+        let too_short = FrameRef {
+            stride: 3,
+            ..FrameRef::packed(&data, 2, 1, PixelFormat::Rgb8)
+        };
+        assert_eq!(
+            pipeline.run(&too_short, &mut [0.0; 4]),
+            Err(PreprocessError::StrideTooShort { stride: 3, row: 6 })
+        );
+        assert_eq!(
+            FrameRef::required_bytes(640, 480, 2048, PixelFormat::Bgr8),
+            Ok(2048 * 479 + 640 * 3)
+        );
     }
 
     #[test]

@@ -43,6 +43,11 @@ use std::time::{Duration, Instant};
 /// Most frame slots a ring can have.
 pub const MAX_SLOTS: usize = 16;
 
+/// Most bytes the ring's slots may take together: sizes come from the command line (frame
+/// size, `--max-jpeg-bytes`, `--slots`), and a typo must be an error, not an abort when the
+/// allocation fails. 16 slots of 4K RGB take 398 MB.
+pub const MAX_RING_BYTES: usize = 1 << 30;
+
 /// How frames arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamFormat {
@@ -191,6 +196,20 @@ impl StreamConfig {
             Some(bytes) => Ok(bytes),
         }
     }
+
+    /// The bytes of one slot, once the ring of them fits [`MAX_RING_BYTES`].
+    fn checked_slot_bytes(&self) -> Result<usize, StreamError> {
+        let slot_bytes = self.slot_bytes()?;
+        match slot_bytes.checked_mul(self.slots) {
+            Some(total) if total <= MAX_RING_BYTES => Ok(slot_bytes),
+            _ => Err(StreamError::Config(format!(
+                "{} slots of {slot_bytes} bytes exceed the ring's limit of {} MiB: use fewer \
+                 --slots, smaller frames or a lower --max-jpeg-bytes",
+                self.slots,
+                MAX_RING_BYTES >> 20
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +218,10 @@ pub enum StreamError {
     Config(String),
     #[error("cannot start the reader thread: {0}")]
     Spawn(std::io::Error),
+    #[error("cannot allocate the frame buffers ({0} bytes)")]
+    OutOfMemory(usize),
+    #[error("the frame reader failed: internal error (panic): {0}")]
+    ReaderPanicked(String),
     /// The event handler failed (e.g. its output was closed); the stream stopped.
     #[error("stream stopped: {0}")]
     Stopped(std::io::Error),
@@ -291,22 +314,22 @@ pub fn run_stream(
     config: &StreamConfig,
     mut on_event: impl FnMut(&StreamEvent<'_>, &Classifier) -> std::io::Result<()>,
 ) -> Result<StreamSummary, StreamError> {
-    let slot_bytes = config.slot_bytes()?;
+    let slot_bytes = config.checked_slot_bytes()?;
     let source: Box<dyn FrameSource> = match config.format {
         StreamFormat::Mjpeg => Box::new(JpegFrames::new(input)),
         _ => Box::new(RawFrames::new(input, slot_bytes)),
     };
-    let ring = Arc::new(Ring::new(config.slots, slot_bytes));
+    let ring = Arc::new(Ring::new(config.slots, slot_bytes)?);
     let started = Instant::now();
     let reader = {
         let (ring, keep, every) = (ring.clone(), config.keep, config.every);
         std::thread::Builder::new()
             .name("frame-reader".into())
-            .spawn(move || read_frames(&ring, source, keep, every))
+            .spawn(move || crate::catch_panic(|| read_frames(&ring, source, keep, every)))
             .map_err(StreamError::Spawn)?
     };
 
-    let converter = Converter::new(config, classifier.model().preprocess.channels == 1);
+    let converter = Converter::new(config, classifier.model().preprocess.channels == 1)?;
     let mut consumer = Consumer {
         classifier,
         on_event: &mut on_event,
@@ -349,7 +372,9 @@ pub fn run_stream(
     let counts = ring.stop();
     if outcome.is_ok() {
         // The reader has finished; a stopped stream leaves it to end on its own.
-        let _ = reader.join();
+        if let Ok(Err(panic)) = reader.join() {
+            return Err(StreamError::ReaderPanicked(panic));
+        }
     }
     outcome.map_err(StreamError::Stopped)?;
     let totals = consumer.totals;
@@ -449,21 +474,21 @@ struct Converter {
 }
 
 impl Converter {
-    fn new(config: &StreamConfig, grey_model: bool) -> Self {
+    fn new(config: &StreamConfig, grey_model: bool) -> Result<Self, StreamError> {
         let pixels = config.width as usize * config.height as usize;
         let scratch = match config.format {
-            StreamFormat::Yuv420p | StreamFormat::Nv12 if grey_model => vec![0; pixels],
-            StreamFormat::Yuv420p | StreamFormat::Nv12 => vec![0; pixels * 3],
+            StreamFormat::Yuv420p | StreamFormat::Nv12 if grey_model => zeroed(pixels)?,
+            StreamFormat::Yuv420p | StreamFormat::Nv12 => zeroed(pixels * 3)?,
             _ => Vec::new(),
         };
-        Converter {
+        Ok(Converter {
             format: config.format,
             width: config.width,
             height: config.height,
             grey_output: grey_model,
             scratch,
             decoded: None,
-        }
+        })
     }
 
     fn frame<'a>(&'a mut self, bytes: &'a [u8]) -> Result<FrameRef<'a>, DecodeError> {
@@ -516,23 +541,24 @@ struct Ring {
 }
 
 impl Ring {
-    fn new(slots: usize, slot_bytes: usize) -> Ring {
+    fn new(slots: usize, slot_bytes: usize) -> Result<Ring, StreamError> {
         let now = Instant::now();
         let mut free = Deque::new();
         for id in 0..slots {
             free.push_back(id).expect("slots ≤ MAX_SLOTS");
         }
-        Ring {
-            slots: (0..slots)
-                .map(|_| {
-                    Mutex::new(Slot {
-                        bytes: vec![0; slot_bytes].into_boxed_slice(),
-                        fill: Fill::End,
-                        index: 0,
-                        arrival: now,
-                    })
-                })
-                .collect(),
+        let slots = (0..slots)
+            .map(|_| {
+                Ok(Mutex::new(Slot {
+                    bytes: zeroed(slot_bytes)?.into_boxed_slice(),
+                    fill: Fill::End,
+                    index: 0,
+                    arrival: now,
+                }))
+            })
+            .collect::<Result<_, StreamError>>()?;
+        Ok(Ring {
+            slots,
             queues: Mutex::new(Queues {
                 free,
                 ready: Deque::new(),
@@ -543,7 +569,7 @@ impl Ring {
                 dropped: 0,
             }),
             changed: Condvar::new(),
-        }
+        })
     }
 
     fn slot(&self, id: usize) -> MutexGuard<'_, Slot> {
@@ -644,7 +670,28 @@ struct ReaderCounts {
     dropped: u64,
 }
 
+/// `len` zero bytes, or an error if the allocator cannot have them (instead of an abort).
+fn zeroed(len: usize) -> Result<Vec<u8>, StreamError> {
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len)
+        .map_err(|_| StreamError::OutOfMemory(len))?;
+    bytes.resize(len, 0);
+    Ok(bytes)
+}
+
+/// Tells the consumer the reader is done, also when the reader panics: otherwise the consumer
+/// would wait for frames forever.
+struct FinishReading<'r>(&'r Ring);
+
+impl Drop for FinishReading<'_> {
+    fn drop(&mut self) {
+        self.0.finish_reading();
+    }
+}
+
 fn read_frames(ring: &Ring, mut source: Box<dyn FrameSource>, keep: KeepPolicy, every: u64) {
+    let _finish = FinishReading(ring);
     let mut index = 0;
     while let Some(id) = ring.free_slot(keep) {
         let mut slot = ring.slot(id);
@@ -671,5 +718,4 @@ fn read_frames(ring: &Ring, mut source: Box<dyn FrameSource>, keep: KeepPolicy, 
         }
         ring.push_ready(id);
     }
-    ring.finish_reading();
 }

@@ -8,12 +8,9 @@ pub struct ThreadsError {
     reason: String,
 }
 
-/// More inference threads than any board this runs on has cores: a larger count is a mistake
-/// (65 535 was accepted and tried to start that many threads).
-pub const MAX_THREADS: usize = 256;
-
 /// Run tract's matrix products on `threads` cores; 0 means one per physical core, 1 the calling
-/// thread only. Returns the count in effect.
+/// thread only. More than the machine's logical CPUs is clamped to them, with a warning (65 535
+/// used to start that many threads). Returns the count in effect.
 ///
 /// One thread gets no pool at all: a one-thread rayon pool only adds hand-offs, and tract
 /// issue #2894 has such a pool fall through to the global one.
@@ -21,16 +18,17 @@ pub const MAX_THREADS: usize = 256;
 pub fn set_threads(threads: usize) -> Result<usize, ThreadsError> {
     use std::sync::Arc;
     use tract_linalg::multithread::{Executor, set_default_executor};
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match threads {
         0 => physical_cores(),
+        n if n > logical => {
+            log::warn!(
+                "{n} threads asked for on a machine with {logical} logical CPUs: using {logical}"
+            );
+            logical
+        }
         n => n,
     };
-    if threads > MAX_THREADS {
-        return Err(ThreadsError {
-            threads,
-            reason: format!("at most {MAX_THREADS} are supported"),
-        });
-    }
     let executor = if threads == 1 {
         Executor::SingleThread
     } else {
@@ -102,12 +100,10 @@ mod tests {
 
     #[test]
     #[cfg(feature = "threads")]
-    fn an_absurd_thread_count_is_refused() {
-        let error = set_threads(65_535).unwrap_err().to_string();
-        assert_eq!(
-            error,
-            "cannot start 65535 inference threads: at most 256 are supported"
-        );
+    fn an_absurd_thread_count_is_clamped_to_the_machine() {
+        let logical = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(set_threads(65_535).unwrap(), logical);
+        assert_eq!(set_threads(1).unwrap(), 1);
     }
 
     #[test]

@@ -9,11 +9,17 @@ use std::process::Command;
 
 #[test]
 fn a_c_program_gets_the_clis_answer_and_clear_errors() {
-    // `cargo build` puts the cdylib next to the binary; `cargo test` leaves it in deps/.
+    // `cargo build` puts the cdylib next to the binary; `cargo test` leaves it in deps/. Both
+    // may exist: the newer is the one built from this source.
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_runtime")).parent().unwrap();
     let target_dir = [bin_dir.join("deps"), bin_dir.to_path_buf()]
         .into_iter()
-        .find(|dir| dir.join("libruntime.so").exists())
+        .filter_map(|dir| {
+            let modified = dir.join("libruntime.so").metadata().ok()?.modified().ok()?;
+            Some((modified, dir))
+        })
+        .max()
+        .map(|(_, dir)| dir)
         .expect("cargo builds libruntime.so with the runtime crate");
     let target_dir = target_dir.as_path();
     let dir = tempfile::tempdir().unwrap();
@@ -42,7 +48,9 @@ fn a_c_program_gets_the_clis_answer_and_clear_errors() {
     assert_eq!(image.format, runtime::PixelFormat::Rgb8, "a colour sample");
     let raw = dir.path().join("frame.rgb");
     std::fs::write(&raw, &image.pixels).unwrap();
+    // cargo's LD_LIBRARY_PATH names both folders, and would win over the rpath.
     let output = Command::new(&program)
+        .env("LD_LIBRARY_PATH", target_dir)
         .arg(&raw)
         .arg(image.width.to_string())
         .arg(image.height.to_string())
@@ -70,17 +78,20 @@ fn a_c_program_gets_the_clis_answer_and_clear_errors() {
         assert!((probability - expected["probability"].as_f64().unwrap()).abs() < 1e-6);
     }
 
-    let errors: Vec<&str> = lines[3..7].to_vec();
+    let errors: Vec<&str> = lines[3..9].to_vec();
     for (error, expected) in errors.iter().zip([
         "cannot read model /nonexistent/model.onnx",
         "stride 1 is shorter than a row",
         "unknown pixel format 7",
-        "empty frame 0x",
+        "frame is empty (0x",
+        "spans more bytes than memory holds",
+        "not aligned",
     ]) {
         assert!(
             error.contains(expected),
             "{error:?} should say {expected:?}"
         );
     }
-    assert_eq!(lines[7], "classes 10, label 99 NULL");
+    assert_eq!(lines[9], "capacity SIZE_MAX: 3 written");
+    assert_eq!(lines[10], "classes 10, label 99 NULL");
 }

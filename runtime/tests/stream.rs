@@ -229,13 +229,64 @@ fn bad_stream_arguments_get_one_clear_line() {
             "exceeds 16384 px",
         ),
         (&["--format", "mjpeg", "--keep", "oldest"], "latest or all"),
+        // Sizes from the command line that used to panic (capacity overflow) or abort (12.9 GB).
+        (
+            &[
+                "--format",
+                "mjpeg",
+                "--max-jpeg-bytes",
+                "18446744073709551615",
+            ],
+            "exceed the ring's limit of 1024 MiB",
+        ),
+        (
+            &[
+                "--format",
+                "rgb24",
+                "--size",
+                "16384x16384",
+                "--slots",
+                "16",
+            ],
+            "exceed the ring's limit of 1024 MiB",
+        ),
     ] {
         let output = stream(args, Vec::new());
         let err = stderr(&output);
         assert!(output.status.code().is_some_and(|c| c != 0), "{args:?}");
         assert!(err.contains(expected), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+        let errors = err.lines().filter(|l| l.starts_with("error")).count();
+        assert_eq!(errors, 1, "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_panic_in_the_frame_reader_ends_the_stream_with_an_error() {
+    struct BrokenCamera;
+    impl std::io::Read for BrokenCamera {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            panic!("driver bug")
+        }
+    }
+    let model = runtime::embedded::DEFAULT_MODEL.unwrap();
+    let model = runtime::Model::from_bytes(model, &Default::default()).unwrap();
+    let mut classifier = runtime::Classifier::new(model, 1).unwrap();
+    let config = runtime::StreamConfig::new(runtime::StreamFormat::Gray8, 28, 28);
+    // The consumer used to wait forever for the reader's frames: fail instead of hanging.
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcome = runtime::run_stream(&mut classifier, BrokenCamera, &config, |_, _| Ok(()));
+        let _ = done.send(outcome.map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let outcome = result
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the stream ends");
+    let error = outcome.unwrap_err();
+    assert!(
+        error.contains("panic") && error.contains("driver bug"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -52,7 +52,8 @@ pub(crate) fn first_lanes(n: usize) -> __mmask16 {
 #[inline]
 pub(crate) fn exp_non_positive(x: __m512) -> __m512 {
     const ROUNDER: f32 = 12_582_912.0;
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    // In this order a NaN lane stays NaN (vmaxps returns its second operand on NaN).
+    let x = _mm512_max_ps(_mm512_set1_ps(-87.0), x);
     let rounder = _mm512_set1_ps(ROUNDER);
     let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), rounder);
     let k = _mm512_sub_ps(shifted, rounder);

@@ -340,6 +340,7 @@ fn normalise_rows_portable(rows: &mut [f32], scale: &[f32], bias: &[f32], epsilo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::{Just, Strategy};
 
     fn reference(row: &[f32], scale: &[f32], bias: &[f32], epsilon: f64) -> Vec<f32> {
         let n = row.len() as f64;
@@ -410,6 +411,44 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// Random rows, NaN and infinities among them, on every kernel.
+        #[test]
+        fn every_kernel_agrees_with_the_definition_on_random_rows(
+            (width, input, scale, bias) in (1..=200usize, 1..=4usize, proptest::bool::ANY)
+                .prop_flat_map(|(width, rows, specials)| {
+                    use crate::ops::properties::values;
+                    (Just(width), values(width * rows, specials), values(width, false), values(width, false))
+                }),
+            offset in -100.0f32..100.0,
+        ) {
+            let input: Vec<f32> = input.iter().map(|v| v + offset).collect();
+            for isa in Isa::available_float() {
+                let mut ours = input.clone();
+                normalise_rows(&mut ours, &scale, &bias, 1e-5, isa);
+                for (row_in, row_out) in input.chunks(width).zip(ours.chunks(width)) {
+                    // f32 loses |x| · 2^-24 in `x − mean`: relative to the deviation, that is the
+                    // row's condition (large offsets, nearly equal values).
+                    let n = width as f64;
+                    let mean = row_in.iter().map(|&x| x as f64).sum::<f64>() / n;
+                    let variance = row_in.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+                    let largest = row_in.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+                    let condition = largest / (variance + 1e-5).sqrt();
+                    let expected = reference(row_in, &scale, &bias, 1e-5);
+                    for ((&got, want), gain) in row_out.iter().zip(expected).zip(&scale) {
+                        let tolerance = 2e-6 * (1.0 + condition) * (1.0 + gain.abs() as f64)
+                            + 1e-5 * want.abs() as f64;
+                        proptest::prop_assert!(
+                            crate::ops::properties::agrees(got, want as f64, tolerance),
+                            "{isa}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -281,6 +281,34 @@ fn names(isas: &[Isa]) -> String {
         .join(", ")
 }
 
+/// Random inputs for the operators' property tests (proptest), shared by their modules.
+#[cfg(test)]
+pub(crate) mod properties {
+    use proptest::prelude::*;
+
+    /// `len` values in [-4, 4); with `specials`, now and then NaN, +∞ or −∞ among them.
+    pub fn values(len: usize, specials: bool) -> impl Strategy<Value = Vec<f32>> {
+        let rare = u32::from(specials);
+        let value = prop_oneof![
+            200 => -4.0f32..4.0,
+            rare => Just(f32::NAN),
+            rare => Just(f32::INFINITY),
+            rare => Just(f32::NEG_INFINITY),
+        ];
+        prop::collection::vec(value, len)
+    }
+
+    /// `got` against the definition's double-precision `want`: within `tolerance` where
+    /// `want` is finite, and not finite where it is not (NaN in, NaN out: never a confident
+    /// number from a corrupt input).
+    pub fn agrees(got: f32, want: f64, tolerance: f64) -> bool {
+        match want.is_finite() {
+            true => (got as f64 - want).abs() <= tolerance,
+            false => !got.is_finite(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,14 +164,15 @@ pub(crate) fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// e^x for x ≤ 0 (a row value minus the row's max), to about one ulp. Cephes' expf: split
 /// x = k·ln 2 + r with |r| ≤ ln 2 / 2, a degree-7 polynomial for e^r, and 2^k built in the
 /// exponent bits. x is clamped at -87 so 2^k stays a normal number (no slow denormals); the
-/// true e^-87 ≈ 1.6e-38 is already nothing next to the row's largest term, 1.
+/// true e^-87 ≈ 1.6e-38 is already nothing next to the row's largest term, 1. NaN passes the
+/// clamp, so a NaN score makes its row NaN as it does in onnxruntime, not a confident answer.
 #[inline(always)]
 fn exp_non_positive<const FMA: bool>(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
     const ROUNDER: f32 = 12_582_912.0;
     const LN2_HIGH: f32 = 0.693_359_4;
     const LN2_LOW: f32 = -2.121_944_4e-4;
-    let x = if x > -87.0 { x } else { -87.0 };
+    let x = if x < -87.0 { -87.0 } else { x };
     let shifted = multiply_add::<FMA>(x, std::f32::consts::LOG2_E, ROUNDER);
     let k = shifted - ROUNDER;
     let exponent = (shifted.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
@@ -190,6 +191,7 @@ fn exp_non_positive<const FMA: bool>(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::{Just, Strategy};
 
     fn reference(row: &[f32]) -> Vec<f32> {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -246,6 +248,48 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// Random rows, NaN and infinities among them, on every kernel.
+        #[test]
+        fn every_kernel_agrees_with_the_definition_on_random_rows(
+            (row_len, input) in (1..=200usize, 1..=4usize, proptest::bool::ANY).prop_flat_map(
+                |(row_len, rows, specials)| {
+                    (Just(row_len), crate::ops::properties::values(row_len * rows, specials))
+                },
+            ),
+            spread in 0.1f32..60.0,
+        ) {
+            let input: Vec<f32> = input.iter().map(|v| v * spread).collect();
+            for isa in Isa::available_float() {
+                let mut ours = input.clone();
+                softmax_rows(&mut ours, row_len, isa);
+                for (row_in, row_out) in input.chunks(row_len).zip(ours.chunks(row_len)) {
+                    for (&got, want) in row_out.iter().zip(reference(row_in)) {
+                        proptest::prop_assert!(
+                            crate::ops::properties::agrees(got, want as f64, 1e-6 * (want.abs() as f64).max(1e-3)),
+                            "{isa}: {got} vs {want} in {row_in:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_score_makes_its_row_nan_and_leaves_the_others() {
+        for isa in Isa::available_float() {
+            for row_len in [3, 17, 40] {
+                let mut rows = pseudo_random(row_len * 2, 10.0, 3);
+                rows[row_len - 1] = f32::NAN;
+                softmax_rows(&mut rows, row_len, isa);
+                let (first, second) = rows.split_at(row_len);
+                assert!(first.iter().all(|p| p.is_nan()), "{isa}: {first:?}");
+                assert!((second.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{isa}");
             }
         }
     }

@@ -1,5 +1,6 @@
 /* Exercises the C ABI as a camera program would: classify an RGB file (raw bytes from the test),
  * print the top-k like `runtime classify --json` does, then each error path. */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include "vit_runtime.h"
@@ -43,6 +44,19 @@ int main(int argc, char **argv) {
     printf("error: %s\n", vit_last_error());
     if (vit_classify(vit, pixels, 0, height, 0, VIT_RGB8, top, 3, &n) != -1) return 3;
     printf("error: %s\n", vit_last_error());
+    /* A bottom-up image's negative stride, as size_t. */
+    size_t up = (size_t)0 - (size_t)width * 3;
+    if (vit_classify(vit, pixels + size - width * 3, width, height, up, VIT_RGB8, top, 3, &n) != -1)
+        return 3;
+    printf("error: %s\n", vit_last_error());
+    VitPrediction *misaligned = (VitPrediction *)((char *)top + 1);
+    if (vit_classify(vit, pixels, width, height, (size_t)width * 3, VIT_RGB8, misaligned, 2, &n) != -1)
+        return 3;
+    printf("error: %s\n", vit_last_error());
+    /* "Room for as many as you like": only the top-k are written. */
+    if (vit_classify(vit, pixels, width, height, (size_t)width * 3, VIT_RGB8, top, SIZE_MAX, &n) != 0)
+        return fail("vit_classify with capacity SIZE_MAX");
+    printf("capacity SIZE_MAX: %zu written\n", n);
     printf("classes %zu, label 99 %s\n", vit_class_count(vit),
            vit_label(vit, 99) == NULL ? "NULL" : "set");
     vit_classifier_free(vit);

@@ -631,6 +631,84 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+        /// Random shapes and values, NaN and infinities among them, on every f32 kernel.
+        #[test]
+        fn every_kernel_agrees_with_the_definition_on_random_cases(
+            (shape, q, k, v) in random_case(),
+        ) {
+            let scale = 1.0 / (shape.key_size as f32).sqrt();
+            let expected = reference(shape, scale, &q, &k, &v);
+            for isa in Isa::available_float() {
+                let mut out = vec![0.0; expected.len()];
+                attend(shape, scale, isa, &q, &k, &v, &mut out).unwrap();
+                for (&got, &want) in out.iter().zip(&expected) {
+                    proptest::prop_assert!(
+                        crate::ops::properties::agrees(got, want as f64, 1e-5 * (1.0 + want.abs() as f64)),
+                        "{isa}, {shape:?}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn random_case()
+    -> impl proptest::strategy::Strategy<Value = (Shape, Vec<f32>, Vec<f32>, Vec<f32>)> {
+        use crate::ops::properties::values;
+        use proptest::prelude::*;
+        (
+            1..=20usize,
+            1..=70usize,
+            1..=3usize,
+            1..=40usize,
+            1..=40usize,
+            any::<bool>(),
+        )
+            .prop_flat_map(|(queries, keys, heads, key_size, value_size, specials)| {
+                let shape = Shape {
+                    queries,
+                    keys,
+                    heads,
+                    key_size,
+                    value_size,
+                };
+                (
+                    Just(shape),
+                    values(queries * heads * key_size, specials),
+                    values(keys * heads * key_size, specials),
+                    values(keys * heads * value_size, specials),
+                )
+            })
+    }
+
+    #[test]
+    fn a_nan_key_makes_its_heads_rows_nan_not_a_confident_answer() {
+        let Case {
+            shape,
+            q,
+            mut k,
+            v,
+            scale,
+            ..
+        } = case((5, 40, 2, 16, 16));
+        // Key 3 of head 0 is NaN in one component: every score of head 0 meets it.
+        k[(3 * shape.heads) * shape.key_size] = f32::NAN;
+        let expected = reference(shape, scale, &q, &k, &v);
+        for isa in Isa::available_float() {
+            let mut out = vec![0.0; expected.len()];
+            attend(shape, scale, isa, &q, &k, &v, &mut out).unwrap();
+            for (index, (got, want)) in out.iter().zip(&expected).enumerate() {
+                let head = index / shape.value_size % shape.heads;
+                if head == 0 {
+                    assert!(got.is_nan(), "{isa}: {got} at {index}");
+                } else {
+                    assert!((got - want).abs() <= 2e-6 * (1.0 + want.abs()), "{isa}");
+                }
+            }
+        }
+    }
+
     /// The int8 products (AVX-512 VNNI) against the definition: within int8's rounding, on
     /// partial blocks, tiles and groups of four, and on two threads. Skipped on a CPU without
     /// VNNI (it says so).

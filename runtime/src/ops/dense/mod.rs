@@ -198,7 +198,7 @@ impl TypedOp for DenseLinear {
 
 impl DenseLinear {
     /// `y` for `x` of whole rows, the rows spread over the inference threads.
-    fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+    pub(crate) fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         let macs = x.len() * self.width;
         let (block, _) = Self::block(self.isa, self.width);
         for_each_share(out, self.width, block, macs, |first_row, out| {
@@ -577,6 +577,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// Random shapes and values, NaN and infinities among them, on every kernel.
+        #[test]
+        fn every_kernel_agrees_with_the_definition_on_random_cases(
+            case in random_case(),
+            use_bias: bool,
+            gelu: bool,
+            use_residual: bool,
+        ) {
+            let (rows, depth, width, x, w, b, r) = case;
+            // GELU of an infinite sum has no one right answer (−∞ · 0): finite inputs only.
+            let gelu = gelu && x.iter().all(|v| v.is_finite());
+            let bias = use_bias.then_some(&b[..]);
+            let residual = use_residual.then_some(&r[..]);
+            for isa in Isa::available_float() {
+                let shape = tvec![rows, width];
+                let mut op = DenseLinear::new(isa, &w, false, bias, depth, width, shape).unwrap();
+                op.gelu = gelu;
+                op.residual = use_residual;
+                let mut out = vec![0.0; rows * width];
+                op.apply(&x, residual, &mut out);
+                for i in 0..rows {
+                    for c in 0..width {
+                        let terms = (0..depth).map(|d| x[i * depth + d] as f64 * w[d * width + c] as f64);
+                        let size: f64 = terms.clone().map(f64::abs).sum::<f64>() + 1.0;
+                        let mut want = terms.sum::<f64>() + bias.map_or(0.0, |b| b[c] as f64);
+                        if gelu {
+                            want = crate::ops::dense::gelu::<false>(want as f32) as f64;
+                        }
+                        want += residual.map_or(0.0, |r| r[i * width + c] as f64);
+                        let got = out[i * width + c];
+                        proptest::prop_assert!(
+                            crate::ops::properties::agrees(got, want, 1e-5 * size),
+                            "{isa}, {rows}x{depth}x{width} at ({i}, {c}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn random_case() -> impl proptest::strategy::Strategy<
+        Value = (usize, usize, usize, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>),
+    > {
+        use crate::ops::properties::values;
+        use proptest::prelude::*;
+        (1..=24usize, 1..=70usize, 1..=100usize, any::<bool>()).prop_flat_map(
+            |(rows, depth, width, specials)| {
+                (
+                    Just(rows),
+                    Just(depth),
+                    Just(width),
+                    values(rows * depth, specials),
+                    values(depth * width, false),
+                    values(width, false),
+                    values(rows * width, specials),
+                )
+            },
+        )
     }
 
     /// GELU far from zero: the identity above, zero below (an AVX-512 GELU once gave NaN past

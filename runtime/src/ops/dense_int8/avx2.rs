@@ -136,11 +136,13 @@ pub(super) unsafe fn quantize_rows(
         let load = |c: usize| unsafe { _mm256_loadu_ps(row.as_ptr().add(c)) };
         let mut low = _mm256_set1_ps(f32::INFINITY);
         let mut high = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut nan = _mm256_setzero_ps();
         for c in (0..whole).step_by(LANES) {
-            // The accumulator second: a NaN lane keeps it.
+            // The accumulator second: a NaN lane keeps it, and is counted apart.
             let x = load(c);
             low = _mm256_min_ps(x, low);
             high = _mm256_max_ps(x, high);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
         }
         let (mut lows, mut highs) = ([0f32; LANES], [0f32; LANES]);
         // SAFETY: each array holds one vector.
@@ -157,6 +159,8 @@ pub(super) unsafe fn quantize_rows(
             .iter()
             .chain(rest)
             .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let has_nan = _mm256_movemask_ps(nan) != 0 || rest.iter().any(|v| v.is_nan());
+        let min = if has_nan { f32::NAN } else { min };
         let (row_scale, inverse) = RowScale::for_range(min, max, levels);
         let inverse_lanes = _mm256_set1_ps(inverse);
         let zero = _mm256_set1_ps(row_scale.zero);

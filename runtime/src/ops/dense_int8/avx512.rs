@@ -215,13 +215,16 @@ pub(super) unsafe fn quantize_rows(
         };
         let mut low = _mm512_set1_ps(f32::INFINITY);
         let mut high = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut nan: __mmask16 = 0;
         for c in 0..chunks {
-            // The accumulator second: a NaN lane keeps it.
+            // The accumulator second: a NaN lane keeps it, and is counted apart.
             let x = load(c);
             low = _mm512_min_ps(x, low);
             high = _mm512_max_ps(x, high);
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
         }
         let (min, max) = (_mm512_reduce_min_ps(low), _mm512_reduce_max_ps(high));
+        let min = if nan != 0 { f32::NAN } else { min };
         let (row_scale, inverse) = RowScale::for_range(min, max, levels);
         let (inverse, zero) = (_mm512_set1_ps(inverse), _mm512_set1_ps(row_scale.zero));
         let (floor, ceiling) = (_mm512_setzero_ps(), _mm512_set1_ps(levels));

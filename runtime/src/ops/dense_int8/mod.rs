@@ -234,7 +234,7 @@ impl DenseLinearInt8 {
     }
 
     /// `y` for `x` of whole rows, the rows spread over the inference threads.
-    fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+    pub(crate) fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         let macs = x.len() * self.width;
         let (block, _) = self.kernel.block(self.width);
         let stride = self.depth.next_multiple_of(4);
@@ -322,9 +322,20 @@ impl DenseLinearInt8 {
 impl RowScale {
     /// The quantization of a row whose values lie in `[min, max]` to `0..=levels`, and
     /// `1 / scale`. The range is widened to hold zero, so that zero is exact (`zero` is a
-    /// whole level).
+    /// whole level). A row holding NaN or an infinity (`min` or `max` not finite; quantizers
+    /// pass NaN for a NaN anywhere in the row) gets a NaN scale, so its outputs are NaN as
+    /// in f32 rather than a confident answer; its levels are all 0.
     #[inline(always)]
     pub(crate) fn for_range(min: f32, max: f32, levels: f32) -> (RowScale, f32) {
+        if !(min.is_finite() && max.is_finite()) {
+            return (
+                RowScale {
+                    scale: f32::NAN,
+                    zero: 0.0,
+                },
+                0.0,
+            );
+        }
         let (min, max) = (min.min(0.0), max.max(0.0));
         let (scale, inverse) = if max > min {
             ((max - min) / levels, levels / (max - min))
@@ -401,7 +412,8 @@ fn finish<K: ArraySums, const R: usize>(
 
 /// Quantize rows of `depth` values of `x` to `0..=levels`, each with a scale and zero point of
 /// its own, into rows of `stride` bytes (the padding is left as it was: W's is zero): `q =
-/// clamp(x / scale + zero)` rounded to even, NaN to 0, by every kernel alike.
+/// clamp(x / scale + zero)` rounded to even, by every kernel alike. A row holding NaN or an
+/// infinity gets levels of 0 and a NaN scale ([`RowScale::for_range`]).
 ///
 /// # Safety
 /// The CPU runs the kernel's instruction set.
@@ -534,6 +546,28 @@ mod tests {
             .collect()
     }
 
+    /// `x` as `kernel` sees it once quantized (`scale · (level − zero)`, rows of `depth`), and
+    /// the rows' scales.
+    fn as_quantized(kernel: Kernel, x: &[f32], depth: usize) -> (Vec<f64>, Vec<RowScale>) {
+        let rows = x.len() / depth;
+        let stride = depth.next_multiple_of(4);
+        let mut q = vec![0u8; rows * stride];
+        let mut scales = vec![RowScale::default(); rows];
+        // SAFETY: the tests only take kernels this CPU runs (`available_kernels`).
+        unsafe { quantize_rows(kernel, x, depth, stride, &mut q, &mut scales) };
+        let level = |q: u8| match kernel.signed() {
+            true => q as i8 as f64,
+            false => q as f64,
+        };
+        let values = (0..rows * depth)
+            .map(|at| {
+                let RowScale { scale, zero } = scales[at / depth];
+                scale as f64 * (level(q[at / depth * stride + at % depth]) - zero as f64)
+            })
+            .collect();
+        (values, scales)
+    }
+
     /// Each kernel against the definition on the same quantized rows: the integer sums are
     /// exact, so only the f32 epilogue rounds. Every row-block and column remainder, depths
     /// that are not multiples of four, GELU, the residual and the threaded path.
@@ -575,21 +609,12 @@ mod tests {
                     let residual = residual.then_some(&r[..]);
                     let mut out = vec![f32::NAN; rows * width];
                     on_two_threads(|| op.apply(&x, residual, &mut out));
-                    let stride = depth.next_multiple_of(4);
-                    let mut q = vec![0u8; rows * stride];
-                    let mut row_scales = vec![RowScale::default(); rows];
-                    // SAFETY: the kernel runs here (`available_kernels`).
-                    unsafe { quantize_rows(op.kernel, &x, depth, stride, &mut q, &mut row_scales) };
-                    let level = |q: u8| match op.kernel.signed() {
-                        true => q as i8 as f64,
-                        false => q as f64,
-                    };
+                    let (xq, _) = as_quantized(op.kernel, &x, depth);
                     for i in 0..rows {
-                        let RowScale { scale, zero } = row_scales[i];
                         for c in 0..width {
                             let (mut sum, mut size) = (b[c] as f64, b[c].abs() as f64);
                             for d in 0..depth {
-                                let xq = scale as f64 * (level(q[i * stride + d]) - zero as f64);
+                                let xq = xq[i * depth + d];
                                 // The operator takes −128 as −127.
                                 let w = w[d * width + c].max(-127);
                                 let term = xq * scales[c] as f64 * w as f64;
@@ -613,6 +638,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// Random shapes and values, NaN and infinities among them, on every kernel: the
+        /// definition on the rows as quantized, and NaN out for a row with NaN or ±∞ in.
+        #[test]
+        fn every_kernel_agrees_with_the_definition_on_random_cases(case in random_case()) {
+            let (rows, depth, width, x, w, scales) = case;
+            for isa in available_kernels() {
+                let shape = tvec![rows, width];
+                let op = DenseLinearInt8::new(isa, &w, false, &scales, None, depth, width, shape)
+                    .unwrap();
+                let mut out = vec![0.0; rows * width];
+                op.apply(&x, None, &mut out);
+                let (xq, row_scales) = as_quantized(op.kernel, &x, depth);
+                for i in 0..rows {
+                    proptest::prop_assert_eq!(
+                        row_scales[i].scale.is_nan(),
+                        x[i * depth..][..depth].iter().any(|v| !v.is_finite())
+                    );
+                    for c in 0..width {
+                        let terms = (0..depth).map(|d| {
+                            xq[i * depth + d] * scales[c] as f64 * w[d * width + c].max(-127) as f64
+                        });
+                        let size: f64 = terms.clone().map(f64::abs).sum::<f64>() + 1.0;
+                        let want = terms.sum::<f64>();
+                        let got = out[i * width + c];
+                        proptest::prop_assert!(
+                            crate::ops::properties::agrees(got, want, 1e-5 * size),
+                            "{isa}, {rows}x{depth}x{width} at ({i}, {c}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn random_case()
+    -> impl proptest::strategy::Strategy<Value = (usize, usize, usize, Vec<f32>, Vec<i8>, Vec<f32>)>
+    {
+        use crate::ops::properties::values;
+        use proptest::prelude::*;
+        (1..=24usize, 1..=70usize, 1..=100usize, any::<bool>()).prop_flat_map(
+            |(rows, depth, width, specials)| {
+                (
+                    Just(rows),
+                    Just(depth),
+                    Just(width),
+                    values(rows * depth, specials),
+                    prop::collection::vec(any::<i8>(), depth * width),
+                    prop::collection::vec(0.001f32..0.05, width),
+                )
+            },
+        )
     }
 
     #[test]
@@ -639,7 +719,8 @@ mod tests {
     }
 
     /// Every kernel's quantizer gives the portable one's bytes and scales, on rows longer and
-    /// shorter than a vector, with NaN and infinities (which give 0 and no panic).
+    /// shorter than a vector, with NaN and infinities (which give levels of 0, a NaN scale and
+    /// no panic).
     #[test]
     fn every_quantizer_matches_the_portable_one() {
         for depth in [1, 3, 16, 17, 64, 130] {
@@ -674,7 +755,18 @@ mod tests {
                     }
                 }
                 assert_eq!(got.0, expected.0, "{isa}, depth {depth}");
-                assert_eq!(got.1, expected.1, "{isa}, depth {depth}");
+                let same = |a: &RowScale, b: &RowScale| {
+                    a.zero == b.zero && (a.scale == b.scale || a.scale.is_nan() && b.scale.is_nan())
+                };
+                assert!(
+                    got.1.iter().zip(&expected.1).all(|(a, b)| same(a, b)),
+                    "{isa}, depth {depth}: {:?} vs {:?}",
+                    got.1,
+                    expected.1
+                );
+                // The rows holding NaN and infinity: NaN outputs, not a confident answer.
+                assert!(got.1[0].scale.is_nan() && got.1[1].scale.is_nan(), "{isa}");
+                assert!(got.1[2..].iter().all(|s| s.scale.is_finite()), "{isa}");
                 assert_eq!(got.0[stride..][..depth.min(2)], [0u8; 2][..depth.min(2)]);
             }
         }

@@ -60,6 +60,11 @@ pub(super) fn quantize_rows(
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
                 (lo.min(v), hi.max(v))
             });
+        let min = if row.iter().any(|v| v.is_nan()) {
+            f32::NAN
+        } else {
+            min
+        };
         let (row_scale, inverse) = RowScale::for_range(min, max, levels);
         for (q, &v) in quantized.iter_mut().zip(row) {
             // As the vector kernels: one rounding of the multiply-add, ties to even, and
