@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's speed table, measured in one sitting: for each model, median inference ms of this
+# docs/performance.md's speed table, measured in one sitting: for each model, median inference ms of this
 # runtime (`runtime bench`), onnxruntime and OpenVINO (tests/peers_bench.py) on the same ONNX, at
 # 1 and 2 threads; the ratio ours / onnxruntime; and the share of the core's f32 FMA peak each
 # reaches (the model's multiply-adds over the time, against the f32 multiply-adds per cycle per

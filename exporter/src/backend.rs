@@ -1,7 +1,7 @@
 //! Which burn device trains the model.
 //!
 //! Flex (burn's pure-Rust CPU backend, SIMD + rayon) is the default: it was the fastest CPU
-//! backend measured here (see the README). GPU backends are cargo features.
+//! backend measured here (docs/training.md). GPU backends are cargo features.
 
 use burn::tensor::Device;
 

@@ -10,6 +10,19 @@ const WIDTH: u32 = 960;
 const HEIGHT: u32 = 480;
 const DARK_GREEN: RGBColor = RGBColor(0, 150, 0);
 
+/// The plots' text is drawn with this font (a Latin subset of DejaVu Sans, `assets/`), so that
+/// no system font or fontconfig is needed.
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-latin.ttf");
+
+fn register_font() -> Result<(), String> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    });
+    ok.then_some(())
+        .ok_or_else(|| "the plot font is unreadable".into())
+}
+
 fn save_rgb(path: &Path, rgb: Vec<u8>, width: u32, height: u32) -> Result<(), String> {
     let mut png = Vec::new();
     let encoder = image::codecs::png::PngEncoder::new(&mut png);
@@ -31,6 +44,7 @@ pub fn accuracy_curves(metrics: &[EpochMetrics], path: &Path) -> Result<(), Stri
     if metrics.is_empty() {
         return Err("no finished epoch to plot".into());
     }
+    register_font()?;
     let accuracy_curves = [
         Curve {
             label: "train",
@@ -144,6 +158,7 @@ pub fn confusion_matrix(
     if n == 0 || confusion.len() != n {
         return Err("confusion matrix and class list disagree".into());
     }
+    register_font()?;
     let cell = (720 / n as u32).clamp(12, 72);
     let label_space = 150;
     let side = cell * n as u32;
@@ -215,4 +230,24 @@ pub fn confusion_matrix(
         root.present().map_err(|e| e.to_string())?;
     }
     save_rgb(path, rgb, width, height)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The title is drawn with the bundled font: no fontconfig, no system font.
+    #[test]
+    fn text_is_drawn_without_system_fonts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("confusion.png");
+        let classes = ["shirt".to_string(), "café".to_string()];
+        confusion_matrix(&[vec![3, 1], vec![0, 4]], &classes, &path).unwrap();
+        let image = image::open(&path).unwrap().to_rgb8();
+        let title_ink = (10..300)
+            .flat_map(|x| (8..26).map(move |y| (x, y)))
+            .filter(|&(x, y)| image.get_pixel(x, y).0.iter().all(|&c| c < 128))
+            .count();
+        assert!(title_ink > 200, "{title_ink} dark pixels in the title");
+    }
 }

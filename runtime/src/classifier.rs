@@ -13,19 +13,27 @@ pub const MAX_TOP_K: usize = 16;
 /// One class and its probability.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Prediction {
+    /// Index of the class in the model's output order; [`Classifier::label`] names it.
     pub class: usize,
+    /// Softmax probability of the class, in [0, 1].
     pub probability: f32,
 }
 
 /// The best predictions of one frame, best first; fixed capacity, no heap.
 pub type TopK = heapless::Vec<Prediction, MAX_TOP_K>;
 
+/// Why a classifier could not be built or a frame not be classified.
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
+    /// The frame, or a raw input tensor, does not fit: empty, bad stride, buffer too short, wrong
+    /// length.
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
+    /// Building or running the tract plan failed (an error, or a panic caught in tract); the
+    /// classifier stays usable for the next frame.
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The `k` given to [`Classifier::new`] is 0 or above [`MAX_TOP_K`].
     #[error("top-k must be in 1..={MAX_TOP_K}, got {0}")]
     TopK(usize),
 }
@@ -33,11 +41,16 @@ pub enum ClassifyError {
 /// Time spent on the last frame.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FrameTimings {
+    /// Frame to input tensor: crop, resize, channel conversion, normalisation.
     pub preprocess: Duration,
+    /// Running the model; as measured, this includes the softmax and top-k.
     pub inference: Duration,
+    /// Time after the model run: near zero, since the softmax and top-k fall in `inference`.
     pub postprocess: Duration,
 }
 
+/// A model with its preprocessing, tract state and result buffers, all reused from frame to
+/// frame: classifying allocates nothing outside tract's own run.
 pub struct Classifier {
     model: Model,
     state: TypedSimpleState,
@@ -52,6 +65,8 @@ pub struct Classifier {
 }
 
 impl Classifier {
+    /// A classifier returning the `k` best classes of each frame: `k` in 1..=[`MAX_TOP_K`], lowered
+    /// to the model's class count if that is smaller.
     pub fn new(model: Model, k: usize) -> Result<Classifier, ClassifyError> {
         if k == 0 || k > MAX_TOP_K {
             return Err(ClassifyError::TopK(k));
@@ -81,10 +96,12 @@ impl Classifier {
         })
     }
 
+    /// The model this classifier runs.
     pub fn model(&self) -> &Model {
         &self.model
     }
 
+    /// Name of class `class` (a [`Prediction::class`]); panics if the model has no such class.
     pub fn label(&self, class: usize) -> &str {
         &self.model.labels[class]
     }
@@ -104,6 +121,7 @@ impl Classifier {
         &self.probabilities
     }
 
+    /// Time spent in each stage of the last [`Classifier::classify_frame`] (other calls leave it).
     pub fn timings(&self) -> FrameTimings {
         self.timings
     }
@@ -213,6 +231,7 @@ impl Profile {
         }
     }
 
+    /// Time of all operators together, over every profiled run.
     pub fn total(&self) -> Duration {
         self.operators.iter().map(|(_, time, _)| *time).sum()
     }
@@ -270,8 +289,10 @@ pub fn softmax_into(logits: &[f32], out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o /= sum);
 }
 
-/// The `k` largest probabilities, best first (ties: lower class first).
+/// The `k` largest probabilities, best first (ties: lower class first); `k` is capped at
+/// [`MAX_TOP_K`], what a [`TopK`] holds.
 pub fn top_k_into(probabilities: &[f32], k: usize, top: &mut TopK) {
+    let k = k.min(MAX_TOP_K);
     top.clear();
     for (class, &probability) in probabilities.iter().enumerate() {
         let candidate = Prediction { class, probability };
@@ -311,5 +332,8 @@ mod tests {
         top_k_into(&[0.5, 0.5], 1, &mut top);
         assert_eq!(top.len(), 1);
         assert_eq!(top[0].class, 0);
+        // More than a TopK holds is capped (it used to panic).
+        top_k_into(&[0.01; 40], usize::MAX, &mut top);
+        assert_eq!(top.len(), MAX_TOP_K);
     }
 }

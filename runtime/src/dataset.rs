@@ -6,32 +6,49 @@ use std::path::{Path, PathBuf};
 /// File extensions read as images (lower case).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"];
 
+/// Why a dataset folder could not be scanned, or not be matched to a model's classes.
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
+    /// A folder could not be listed.
     #[error("cannot read dataset folder {path}: {source}")]
     Io {
+        /// The folder being listed.
         path: String,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The root (the field) has no sub-folder holding an image.
     #[error("{0} has no class sub-folders with images (expected ROOT/<class>/<image>)")]
     NoClasses(String),
+    /// Only one sub-folder of the root (the field) holds images.
     #[error("{0} has a single class; a classifier needs at least two")]
     SingleClass(String),
+    /// A class folder is named after none of the model's labels ([`ImageFolder::relabel`]).
     #[error("class folder {class:?} is not one of the model's classes ({known})")]
-    UnknownClass { class: String, known: String },
+    UnknownClass {
+        /// The folder's name.
+        class: String,
+        /// The model's labels, comma-separated.
+        known: String,
+    },
 }
 
 /// One labelled image file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Item {
+    /// Path of the image file.
     pub path: PathBuf,
+    /// Index of its class in [`ImageFolder::classes`].
     pub label: usize,
 }
 
 /// A folder whose sub-folders are classes (sorted by name) holding images.
 #[derive(Clone, Debug)]
 pub struct ImageFolder {
+    /// Class names: the folder names, sorted, after [`ImageFolder::scan`]; the model's labels after
+    /// [`ImageFolder::relabel`].
     pub classes: Vec<String>,
+    /// Every image, grouped by class folder (in folder-name order) and sorted by path within each.
     pub items: Vec<Item>,
 }
 
@@ -108,8 +125,11 @@ pub fn images_under(root: &Path, max: usize) -> Result<Vec<PathBuf>, DatasetErro
             source,
         };
         for entry in std::fs::read_dir(&dir).map_err(io)? {
-            let path = entry.map_err(io)?.path();
-            if path.is_dir() {
+            let entry = entry.map_err(io)?;
+            // Symlinked folders are not followed (as in `ImageFolder::scan`): a link back up
+            // the tree would make the walk endless.
+            if entry.file_type().map_err(io)?.is_dir() {
+                let path = entry.path();
                 files.extend(image_files(&path)?);
                 dirs.push(path);
             }
@@ -169,6 +189,16 @@ mod tests {
             .map(|i| (i.path.file_name().unwrap().to_str().unwrap(), i.label))
             .collect();
         assert_eq!(names, [("x.png", 0), ("a.JPG", 1), ("b.png", 1)]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_loop_does_not_make_the_walk_endless() {
+        let root = tempfile::tempdir().unwrap();
+        touch(&root.path().join("a/x.png"));
+        std::os::unix::fs::symlink(root.path(), root.path().join("a/loop")).unwrap();
+        let files = images_under(root.path(), 100).unwrap();
+        assert_eq!(files, [root.path().join("a/x.png")]);
     }
 
     #[test]

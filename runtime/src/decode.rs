@@ -9,38 +9,57 @@ pub const MAX_IMAGE_SIDE: u32 = 16_384;
 /// Decoder allocation cap (the image crate's own limit, also bounding exotic formats).
 pub const MAX_DECODE_BYTES: u64 = 512 * 1024 * 1024;
 
+/// Why an image file could not become a [`DecodedImage`].
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
+    /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file's path.
         path: String,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The bytes are in no format the decoder knows, or use a feature of one it does not support.
     #[error("not a supported image ({0})")]
     UnknownFormat(String),
+    /// The image is damaged or cut short (a JPEG without its end-of-image marker included).
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
+    /// The image has a side over [`MAX_IMAGE_SIDE`] or needs more than [`MAX_DECODE_BYTES`].
     #[error("image exceeds the decoding limits ({MAX_IMAGE_SIDE} px per side, {mib} MiB): {0}", mib = MAX_DECODE_BYTES >> 20)]
     TooLarge(String),
+    /// The image decoded to no pixels.
     #[error("image is empty ({width}x{height})")]
-    Empty { width: u32, height: u32 },
+    Empty {
+        /// Decoded width in pixels.
+        width: u32,
+        /// Decoded height in pixels.
+        height: u32,
+    },
 }
 
 /// An owned decoded frame: 8-bit grey or RGB, tightly packed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodedImage {
+    /// Rows top to bottom without padding: `width × height × bytes per pixel` bytes.
     pub pixels: Vec<u8>,
+    /// Image width in pixels (never 0).
     pub width: u32,
+    /// Image height in pixels (never 0).
     pub height: u32,
+    /// [`PixelFormat::Gray8`] for grey images (alpha dropped), [`PixelFormat::Rgb8`] for the rest.
     pub format: PixelFormat,
 }
 
 impl DecodedImage {
+    /// The image as a packed [`FrameRef`], for the preprocessing.
     pub fn frame(&self) -> FrameRef<'_> {
         FrameRef::packed(&self.pixels, self.width, self.height, self.format)
     }
 }
 
+/// Read and decode an image file, as [`decode_bytes`] does.
 pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
     let bytes = std::fs::read(path).map_err(|source| DecodeError::Io {
         path: path.display().to_string(),

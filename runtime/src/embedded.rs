@@ -8,21 +8,27 @@ pub const DEFAULT_MODEL_PATH: &str = "models/fashion-vit/model.onnx";
 /// Its int8 copy, made by `runtime quantize` (see the model card).
 pub const DEFAULT_INT8_MODEL_PATH: &str = "models/fashion-vit/model.int8.onnx";
 
+/// The bytes of [`DEFAULT_MODEL_PATH`], compiled in; `None` in a build without the
+/// `embedded-model` feature.
 #[cfg(feature = "embedded-model")]
 pub const DEFAULT_MODEL: Option<&[u8]> = Some(include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../models/fashion-vit/model.onnx"
 )));
 
+/// The bytes of [`DEFAULT_INT8_MODEL_PATH`], compiled in; `None` in a build without the
+/// `embedded-model` feature.
 #[cfg(feature = "embedded-model")]
 pub const DEFAULT_INT8_MODEL: Option<&[u8]> = Some(include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../models/fashion-vit/model.int8.onnx"
 )));
 
+/// `None`: this build has no embedded model (the `embedded-model` feature is off).
 #[cfg(not(feature = "embedded-model"))]
 pub const DEFAULT_MODEL: Option<&[u8]> = None;
 
+/// `None`: this build has no embedded model (the `embedded-model` feature is off).
 #[cfg(not(feature = "embedded-model"))]
 pub const DEFAULT_INT8_MODEL: Option<&[u8]> = None;
 

@@ -9,19 +9,25 @@ use std::path::{Path, PathBuf};
 /// Counts of (true class, predicted class) pairs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Confusion {
+    /// Class names, indexing both axes of `matrix`.
     pub classes: Vec<String>,
     /// `matrix[true][predicted]`.
     pub matrix: Vec<Vec<usize>>,
 }
 
+/// How one class fared: how many of its images were counted and how many came out right.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ClassAccuracy {
+    /// The class's name.
     pub class: String,
+    /// Images whose true class this is.
     pub count: usize,
+    /// Fraction of those images predicted as this class, 0–1 (0 when there are none).
     pub accuracy: f64,
 }
 
 impl Confusion {
+    /// An all-zero matrix over `classes`.
     pub fn new(classes: Vec<String>) -> Confusion {
         let n = classes.len();
         Confusion {
@@ -30,14 +36,18 @@ impl Confusion {
         }
     }
 
+    /// Count one image of class `truth` predicted as `predicted`, both indices into `classes` (out
+    /// of range panics).
     pub fn add(&mut self, truth: usize, predicted: usize) {
         self.matrix[truth][predicted] += 1;
     }
 
+    /// Images counted so far.
     pub fn count(&self) -> usize {
         self.matrix.iter().flatten().sum()
     }
 
+    /// Images predicted as their true class (the diagonal's sum).
     pub fn correct(&self) -> usize {
         (0..self.classes.len()).map(|c| self.matrix[c][c]).sum()
     }
@@ -47,6 +57,7 @@ impl Confusion {
         ratio(self.correct(), self.count())
     }
 
+    /// Each class's image count and accuracy, in class order.
     pub fn per_class(&self) -> Vec<ClassAccuracy> {
         self.classes
             .iter()
@@ -113,15 +124,22 @@ fn ratio(part: usize, whole: usize) -> f64 {
     }
 }
 
+/// Why [`evaluate_folder`] produced no result.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
+    /// The folder is no usable dataset, or a class folder is named after none of the model's
+    /// labels.
     #[error(transparent)]
     Dataset(#[from] DatasetError),
+    /// No image under the folder (the field) could be decoded: nothing was classified.
     #[error("no readable images in {0}")]
     Empty(String),
+    /// A decoded image could not be classified; this ends the evaluation.
     #[error("{path}: {source}")]
     Classify {
+        /// Path of the image.
         path: PathBuf,
+        /// Why it could not be classified.
         source: ClassifyError,
     },
 }
@@ -129,16 +147,22 @@ pub enum EvalError {
 /// An image that could not be decoded, and why.
 #[derive(Clone, Debug, Serialize)]
 pub struct SkippedImage {
+    /// Path of the image.
     pub path: PathBuf,
+    /// The decoder's error message.
     pub reason: String,
 }
 
 /// A confusion matrix with the figures read off it, as reports print and serialise them.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
+    /// Fraction of all counted images classified right, 0–1.
     pub accuracy: f64,
+    /// Images counted (classified).
     pub count: usize,
+    /// Count and accuracy of each class, in class order.
     pub per_class: Vec<ClassAccuracy>,
+    /// The matrix the figures above were read from.
     pub confusion: Confusion,
 }
 
@@ -153,10 +177,13 @@ impl From<Confusion> for Summary {
     }
 }
 
+/// What [`evaluate_folder`] found: the figures, and the images it could not decode.
 #[derive(Clone, Debug, Serialize)]
 pub struct FolderEvaluation {
+    /// Figures over the classified images (its fields sit at the top level of the JSON).
     #[serde(flatten)]
     pub summary: Summary,
+    /// Images left out because they could not be decoded.
     pub skipped: Vec<SkippedImage>,
 }
 

@@ -13,14 +13,18 @@ use crate::preprocess::FrameRef;
 use std::fmt;
 use std::str::FromStr;
 
+/// How the attention maps become one patch map (the module documentation describes both).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Method {
+    /// Attention rollout through every block (the default).
     #[default]
     Rollout,
+    /// The last block's CLS attention alone.
     LastLayer,
 }
 
 impl Method {
+    /// The name the command line and reports use: `rollout` or `last-layer`.
     pub fn name(self) -> &'static str {
         match self {
             Method::Rollout => "rollout",
@@ -46,29 +50,44 @@ impl FromStr for Method {
     }
 }
 
+/// Why a frame could not be explained.
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
+    /// The model cannot be explained: it has no attention outputs ([`ModelError::NoAttention`]).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Building the classifier, preprocessing the frame or running the model failed.
     #[error(transparent)]
     Classify(#[from] ClassifyError),
+    /// A method name other than `rollout` and `last-layer` was parsed.
     #[error("unknown method {0:?} (expected rollout or last-layer)")]
     Method(String),
+    /// An attention output is not `[1, tokens, tokens]` over CLS plus a square patch grid, or
+    /// its token count differs from the blocks' before it.
     #[error("attention output {index} is {reason}")]
-    BadAttention { index: usize, reason: String },
+    BadAttention {
+        /// Position of the output among the attention outputs (0: the first).
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// One frame's logits and attention, as the model computed them.
 #[derive(Clone, Debug)]
 pub struct Explanation {
+    /// Raw logits, in class order.
     pub logits: Vec<f32>,
+    /// Softmax of the logits, in class order.
     pub probabilities: Vec<f32>,
     /// Per block, the `tokens × tokens` head-averaged attention, row-major.
     pub layers: Vec<Vec<f32>>,
+    /// Tokens of each block: CLS, then one per patch.
     pub tokens: usize,
 }
 
 impl Explanation {
+    /// The `k` most probable classes, best first; `k` is capped at [`MAX_TOP_K`](crate::MAX_TOP_K).
     pub fn top(&self, k: usize) -> TopK {
         let mut top = TopK::new();
         top_k_into(&self.probabilities, k.min(crate::MAX_TOP_K), &mut top);
@@ -143,10 +162,12 @@ impl Explainer {
         })
     }
 
+    /// The model being explained.
     pub fn model(&self) -> &Model {
         self.classifier.model()
     }
 
+    /// Classify `frame` and keep every block's attention over it.
     pub fn explain(&mut self, frame: &FrameRef) -> Result<Explanation, ExplainError> {
         self.classifier.preprocess(frame)?;
         let outputs = self.classifier.run()?;

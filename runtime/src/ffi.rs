@@ -20,12 +20,17 @@ pub struct VitClassifier {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VitPrediction {
+    /// Index of the class in the model's output order; `vit_label` names it.
     pub class_index: usize,
+    /// Softmax probability of the class, in [0, 1].
     pub probability: f32,
 }
 
+/// `format` of [`vit_classify`]: 8-bit grey, one byte per pixel.
 pub const VIT_GRAY8: c_int = 0;
+/// `format` of [`vit_classify`]: 8-bit RGB, three bytes per pixel.
 pub const VIT_RGB8: c_int = 1;
+/// `format` of [`vit_classify`]: 8-bit BGR (OpenCV's default order), three bytes per pixel.
 pub const VIT_BGR8: c_int = 2;
 
 thread_local! {

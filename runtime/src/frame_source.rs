@@ -9,16 +9,37 @@ use std::io::{self, BufRead, BufReader, ErrorKind, Read};
 /// Why the bytes of one frame could not be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameFault {
+    /// A raw frame was cut short by the end of the stream; the source ends with it.
     #[error("truncated frame: the stream ended after {got} of its {expected} bytes")]
-    Truncated { got: usize, expected: usize },
+    Truncated {
+        /// Bytes read before the stream ended.
+        got: usize,
+        /// Bytes of a whole frame.
+        expected: usize,
+    },
+    /// A JPEG ended, at the next image's start or the stream's end, before its end-of-image
+    /// marker.
     #[error("truncated JPEG: no end-of-image marker before the next image or the end")]
     TruncatedJpeg,
+    /// A JPEG's structure broke: no marker where one must be, or a segment length below 2.
     #[error("malformed JPEG: expected a marker at byte {offset}")]
-    BadMarker { offset: usize },
+    BadMarker {
+        /// Position in the image (its bytes copied so far, from its SOI) where it broke.
+        offset: usize,
+    },
+    /// A JPEG did not fit the buffer passed to [`FrameSource::fill`]; the rest of it is skipped.
     #[error("JPEG larger than {limit} bytes (see --max-jpeg-bytes)")]
-    TooLarge { limit: usize },
+    TooLarge {
+        /// The buffer's size in bytes.
+        limit: usize,
+    },
+    /// Bytes that belong to no JPEG came before the next image.
     #[error("{skipped} bytes of data that is not a JPEG")]
-    NotJpeg { skipped: usize },
+    NotJpeg {
+        /// How many bytes were skipped.
+        skipped: usize,
+    },
+    /// Reading the input failed (other than by an interruption); the source ends with it.
     #[error("read error: {0}")]
     Read(ErrorKind),
 }
@@ -28,10 +49,13 @@ pub enum FrameFault {
 pub enum Fill {
     /// A frame of this many bytes is at the start of the buffer.
     Frame(usize),
+    /// This frame is lost; the next call goes on with the next frame, or returns `End`.
     Fault(FrameFault),
+    /// The input is over; every later call returns `End` too.
     End,
 }
 
+/// An input byte stream cut into frames, each read into a buffer the caller owns.
 pub trait FrameSource: Send {
     /// Read the next frame into `buffer` (never more than its length).
     fn fill(&mut self, buffer: &mut [u8]) -> Fill;
@@ -45,6 +69,8 @@ pub struct RawFrames<R> {
 }
 
 impl<R: Read> RawFrames<R> {
+    /// Frames of `frame_bytes` bytes from `reader`; the buffers given to `fill` must hold at least
+    /// that many (a shorter one panics).
     pub fn new(reader: R, frame_bytes: usize) -> Self {
         RawFrames {
             reader,
@@ -56,10 +82,17 @@ impl<R: Read> RawFrames<R> {
 
 impl<R: Read + Send> FrameSource for RawFrames<R> {
     fn fill(&mut self, buffer: &mut [u8]) -> Fill {
-        if self.ended {
+        // A zero-byte frame would be read forever; a buffer too short for a frame cannot
+        // take one: either ends the stream rather than spin or panic.
+        if self.ended || self.frame_bytes == 0 {
             return Fill::End;
         }
-        let frame = &mut buffer[..self.frame_bytes];
+        let Some(frame) = buffer.get_mut(..self.frame_bytes) else {
+            self.ended = true;
+            return Fill::Fault(FrameFault::TooLarge {
+                limit: buffer.len(),
+            });
+        };
         let mut got = 0;
         while got < frame.len() {
             match self.reader.read(&mut frame[got..]) {
@@ -103,6 +136,7 @@ pub struct JpegFrames<R> {
 }
 
 impl<R: Read> JpegFrames<R> {
+    /// JPEGs from `reader`, which is read through a 64 KiB buffer.
     pub fn new(reader: R) -> Self {
         JpegFrames {
             reader: BufReader::with_capacity(64 * 1024, reader),
@@ -345,6 +379,19 @@ mod tests {
                 .iter()
                 .all(Result::is_ok)
         );
+    }
+
+    #[test]
+    fn empty_frames_and_short_buffers_end_the_stream() {
+        // A frame of 0 bytes used to be returned forever; a short buffer used to panic.
+        let mut empty = RawFrames::new(&[1u8, 2, 3][..], 0);
+        assert_eq!(empty.fill(&mut [0; 4]), Fill::End);
+        let mut short = RawFrames::new(&[1u8; 8][..], 8);
+        assert_eq!(
+            short.fill(&mut [0; 4]),
+            Fill::Fault(FrameFault::TooLarge { limit: 4 })
+        );
+        assert_eq!(short.fill(&mut [0; 8]), Fill::End);
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::time::Duration;
 const BUCKETS: usize = 2100;
 const RATIO: f64 = 1.01;
 
+/// A histogram of durations (a fixed 8 KiB of counts, allocated once): record a stream's
+/// latencies one by one, read their quantiles at any time.
 pub struct LatencyHistogram {
     counts: Box<[u32; BUCKETS]>,
     total: u64,
@@ -21,6 +23,7 @@ impl Default for LatencyHistogram {
 }
 
 impl LatencyHistogram {
+    /// Count one duration; below 1 µs it counts as 1 µs, beyond about 20 minutes as 20 minutes.
     pub fn record(&mut self, duration: Duration) {
         let micros = duration.as_secs_f64() * 1e6;
         let bucket = if micros <= 1.0 {
@@ -32,6 +35,7 @@ impl LatencyHistogram {
         self.total += 1;
     }
 
+    /// Durations recorded so far.
     pub fn count(&self) -> u64 {
         self.total
     }

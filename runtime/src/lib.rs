@@ -27,6 +27,8 @@
 //!
 //! C and C++ programs use the same classifier through [`ffi`] and `include/vit_runtime.h`.
 
+#![warn(missing_docs)]
+
 pub mod atomic_file;
 pub mod classifier;
 pub mod dataset;

@@ -1,9 +1,10 @@
 //! The public metadata format: `metadata_props` keys the exporter writes into every ONNX file
-//! so one file is enough on a device. Documented in the README; changing a key is a breaking
+//! so one file is enough on a device. Documented in docs/onnx.md; changing a key is a breaking
 //! change of the format (bump [`FORMAT_VERSION`]).
 
 /// Format version of this key set.
 pub const FORMAT: &str = "vit.format_version";
+/// The key set's current version: the value the exporter writes under [`FORMAT`].
 pub const FORMAT_VERSION: u32 = 1;
 /// JSON array of class names in output order.
 pub const LABELS: &str = "vit.labels";
@@ -13,6 +14,7 @@ pub const IMAGE_SIZE: &str = "vit.image_size";
 pub const CHANNELS: &str = "vit.channels";
 /// JSON arrays, one value per channel, applied to pixels scaled to [0, 1].
 pub const MEAN: &str = "vit.mean";
+/// JSON array of per-channel standard deviations, applied like [`MEAN`].
 pub const STD: &str = "vit.std";
 /// `squash` or `center-crop`.
 pub const RESIZE: &str = "vit.resize";
@@ -24,6 +26,7 @@ pub const MODEL_CONFIG: &str = "vit.model_config";
 pub const PRODUCER: &str = "vit.producer";
 /// Validation accuracy (0–1) of the exported checkpoint, and its epoch.
 pub const VAL_ACCURACY: &str = "vit.val_accuracy";
+/// The epoch of the checkpoint whose [`VAL_ACCURACY`] is recorded.
 pub const VAL_EPOCH: &str = "vit.val_epoch";
 /// Present when the graph also outputs `attention.{block}` (`[batch, tokens, tokens]`, each
 /// block's softmax weights averaged over heads, token 0 = CLS) for `runtime explain`.

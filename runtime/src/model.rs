@@ -15,33 +15,56 @@ use tract_onnx::prelude::{
 use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 use tract_onnx::tract_hir::infer::Factoid;
 
+/// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The model file (or a labels file) could not be read.
     #[error("cannot read model {path}: {source}")]
     Io {
+        /// The file's path.
         path: String,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The bytes are no ONNX protobuf, or hold no graph or a graph without nodes.
     #[error("not an ONNX model: {0}")]
     NotOnnx(String),
+    /// The graph's input is not an f32 tensor of rank 4.
     #[error("the model's input is not an image tensor [N, C, H, W]: {0}")]
     NotAnImage(String),
+    /// Neither the options, the input's shape nor the metadata give a needed value: what is
+    /// missing, and the command-line option that supplies it.
     #[error("the model does not say its {0}: pass it as an option (e.g. --{1})")]
     Missing(&'static str, &'static str),
+    /// A `vit.*` metadata value does not parse.
     #[error("metadata {key} is unreadable: {reason}")]
-    BadMetadata { key: &'static str, reason: String },
+    BadMetadata {
+        /// The metadata key (one of [`crate::metadata`]'s).
+        key: &'static str,
+        /// The parser's error.
+        reason: String,
+    },
+    /// Options, metadata and graph disagree (input shape, label count, output shape), or the
+    /// preprocessing they describe is invalid.
     #[error("{0}")]
     Mismatch(String),
+    /// tract could not analyse, type, optimise or plan the graph.
     #[error("tract cannot prepare the model: {0}")]
     Tract(String),
+    /// The graph is miswired: it has no outputs, or reads a value that nothing produces.
     #[error("malformed model: {0}")]
     Malformed(String),
+    /// A panic escaped tract while loading (caught in builds that unwind); its message.
     #[error("internal error (panic) while loading the model: {0}")]
     Panic(String),
+    /// The precision asked for does not suit the file: int8 of a float model, or f32 or f16 of an
+    /// int8 one.
     #[error("{0}")]
     Precision(String),
+    /// The instruction set asked for (options or `RUNTIME_ISA`) is unknown or not on this CPU.
     #[error(transparent)]
     Isa(#[from] IsaError),
+    /// Attention maps were asked for, but the graph has no `attention.N` outputs.
     #[error(
         "the model has no attention outputs: export it with `exporter export --with-attention` (the shipped model has them)"
     )]
@@ -52,11 +75,21 @@ pub enum ModelError {
 /// Every field set here wins over the metadata.
 #[derive(Clone, Debug, Default)]
 pub struct ModelOptions {
+    /// Square input side in pixels (`vit.image_size`); must match a fixed input shape.
     pub image_size: Option<u32>,
+    /// Input channels, 1 for grey or 3 for RGB (`vit.channels`); must match a fixed input shape.
     pub channels: Option<u32>,
+    /// Per-channel mean of pixels scaled to [0, 1] (`vit.mean`); a single value serves every
+    /// channel. Without it and the metadata: 0.5.
     pub mean: Option<Vec<f32>>,
+    /// Per-channel standard deviation (`vit.std`), given like `mean`. Without it and the metadata:
+    /// 0.5.
     pub std: Option<Vec<f32>>,
+    /// How frames reach the square input (`vit.resize`); without it and the metadata,
+    /// [`ResizeMode::Squash`].
     pub resize: Option<ResizeMode>,
+    /// Class names in output order (`vit.labels`); without them and the metadata, `class_0`,
+    /// `class_1`, ….
     pub labels: Option<Vec<String>>,
     /// Keep the `attention.N` outputs (for `runtime explain`). Otherwise only the logits are
     /// computed, whatever else the file outputs.
@@ -87,13 +120,19 @@ impl ModelOptions {
 /// A loaded, optimised model and everything needed to feed and read it.
 #[derive(Clone, Debug)]
 pub struct Model {
+    /// The optimised tract plan, which a [`Classifier`](crate::Classifier) runs.
     pub plan: Arc<TypedRunnableModel>,
+    /// How frames become the input tensor: size, channels, normalisation, resize mode.
     pub preprocess: PreprocessConfig,
+    /// Class names in output order, one per logit.
     pub labels: Vec<String>,
+    /// Name of the graph's input node.
     pub input_name: String,
+    /// Name of the node whose output is the logits.
     pub output_name: String,
     /// Attention maps the plan outputs after the logits (0 unless asked for).
     pub attention_layers: usize,
+    /// The arithmetic the plan runs in.
     pub precision: Precision,
     /// The instruction set of the runtime's own operators' kernels.
     pub isa: Isa,
@@ -111,6 +150,7 @@ const QUANTIZING_OPS: [&str; 5] = [
 ];
 
 impl Model {
+    /// Load a model from an ONNX file, as [`Model::from_bytes`] does.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model, ModelError> {
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
             path: path.display().to_string(),
@@ -356,6 +396,7 @@ impl Model {
         })
     }
 
+    /// Number of classes: the logits the model outputs.
     pub fn classes(&self) -> usize {
         self.labels.len()
     }

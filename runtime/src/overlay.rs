@@ -18,7 +18,9 @@ const HEAT: [(f32, [f32; 3]); 5] = [
 /// Values over a square grid of patches, row-major, scaled to [0, 1] for drawing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PatchMap {
+    /// Patches per side of the grid.
     pub side: usize,
+    /// One value per patch, row-major: `side × side` of them.
     pub values: Vec<f32>,
 }
 

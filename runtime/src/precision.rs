@@ -10,8 +10,10 @@ use tract_onnx::tract_core::ops::cast::cast;
 use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::transform::get_transform;
 
+/// The arithmetic a model runs in (`--precision`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
+    /// f32 throughout, as exported (the default).
     #[default]
     F32,
     /// Weights and activations in f16. Native fp16 arithmetic on aarch64 with asimdhp
@@ -22,6 +24,7 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The name `--precision` and reports use: `f32`, `f16` or `int8`.
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::F32 => "f32",

@@ -16,35 +16,67 @@ use std::str::FromStr;
 /// ITU-R BT.601 luma weights, as PIL's `convert("L")` and torchvision's `Grayscale` use.
 const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+/// Why a frame, an output slice or a preprocessing configuration was refused.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum PreprocessError {
+    /// The frame has no pixels.
     #[error("frame is empty ({width}x{height})")]
-    EmptyFrame { width: u32, height: u32 },
+    EmptyFrame {
+        /// Frame width in pixels.
+        width: u32,
+        /// Frame height in pixels.
+        height: u32,
+    },
+    /// The frame's buffer is shorter than its size, stride and format need.
     #[error(
         "frame buffer holds {actual} bytes, {width}x{height} {format} with stride {stride} needs {needed}"
     )]
     FrameTooShort {
+        /// Frame width in pixels.
         width: u32,
+        /// Frame height in pixels.
         height: u32,
+        /// Bytes from one row's start to the next.
         stride: usize,
+        /// Layout of the pixels.
         format: PixelFormat,
+        /// Bytes the frame needs: `stride × (height − 1)` plus one row.
         needed: usize,
+        /// Bytes the buffer holds.
         actual: usize,
     },
+    /// Rows would overlap: the stride is shorter than a row.
     #[error("stride {stride} is shorter than a row of {row} bytes")]
-    StrideTooShort { stride: usize, row: usize },
+    StrideTooShort {
+        /// Bytes from one row's start to the next.
+        stride: usize,
+        /// Bytes of one row: width × bytes per pixel.
+        row: usize,
+    },
+    /// The frame would span more than `isize::MAX` bytes, or its size overflows `usize`.
     #[error(
         "a {width}x{height} frame with rows {stride} bytes apart spans more bytes than memory holds"
     )]
     FrameTooLarge {
+        /// Frame width in pixels.
         width: u32,
+        /// Frame height in pixels.
         height: u32,
+        /// Bytes from one row's start to the next.
         stride: usize,
     },
+    /// The output slice's length is not the model input's `C×H×W`.
     #[error("output tensor holds {actual} values, the model input needs {needed}")]
-    OutputSize { needed: usize, actual: usize },
+    OutputSize {
+        /// Values of the model's input.
+        needed: usize,
+        /// Values of the slice.
+        actual: usize,
+    },
+    /// The crop region is empty, not a number, or reaches outside the frame.
     #[error("crop region {0:?} lies outside the frame")]
     BadRegion(Region),
+    /// The configuration is invalid (size, channels, mean or std), or a resize mode's name unknown.
     #[error("invalid preprocessing: {0}")]
     InvalidConfig(String),
 }
@@ -61,6 +93,7 @@ pub enum ResizeMode {
 }
 
 impl ResizeMode {
+    /// The name the metadata and the command line use: `squash` or `center-crop`.
     pub fn as_str(self) -> &'static str {
         match self {
             ResizeMode::Squash => "squash",
@@ -97,7 +130,9 @@ pub struct PreprocessConfig {
     pub channels: u32,
     /// Per-channel mean and std applied to pixels scaled to [0, 1]; one value per channel.
     pub mean: Vec<f32>,
+    /// Per-channel standard deviation, every value positive (see `mean`).
     pub std: Vec<f32>,
+    /// How a frame of any aspect ratio reaches the square input.
     pub resize: ResizeMode,
 }
 
@@ -114,6 +149,8 @@ impl PreprocessConfig {
         }
     }
 
+    /// Check the configuration: size in 1..=4096, 1 or 3 channels, and per channel a finite mean
+    /// and a positive, finite std.
     pub fn validate(&self) -> Result<(), PreprocessError> {
         let invalid = |msg: String| Err(PreprocessError::InvalidConfig(msg));
         if self.image_size == 0 || self.image_size > 4096 {
@@ -157,12 +194,16 @@ pub fn per_channel(values: Vec<f32>, channels: usize) -> Vec<f32> {
 /// Layout of the bytes of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PixelFormat {
+    /// One byte per pixel: grey.
     Gray8,
+    /// Three bytes per pixel: red, green, blue.
     Rgb8,
+    /// Three bytes per pixel: blue, green, red (OpenCV's order).
     Bgr8,
 }
 
 impl PixelFormat {
+    /// Bytes of one pixel: 1 or 3.
     pub fn bytes_per_pixel(self) -> usize {
         match self {
             PixelFormat::Gray8 => 1,
@@ -184,10 +225,15 @@ impl fmt::Display for PixelFormat {
 /// Borrowed pixels of one frame; `stride` is the distance in bytes between row starts.
 #[derive(Clone, Copy, Debug)]
 pub struct FrameRef<'a> {
+    /// The pixels: at least [`FrameRef::required_bytes`] bytes; any beyond are ignored.
     pub data: &'a [u8],
+    /// Frame width in pixels.
     pub width: u32,
+    /// Frame height in pixels.
     pub height: u32,
+    /// Bytes from one row's start to the next: at least `width × bytes per pixel`.
     pub stride: usize,
+    /// Layout of each pixel's bytes.
     pub format: PixelFormat,
 }
 
@@ -216,7 +262,15 @@ impl<'a> FrameRef<'a> {
         if width == 0 || height == 0 {
             return Err(PreprocessError::EmptyFrame { width, height });
         }
-        let row = width as usize * format.bytes_per_pixel();
+        let too_large = PreprocessError::FrameTooLarge {
+            width,
+            height,
+            stride,
+        };
+        // On 32-bit boards even one row of a 2^32-pixel-wide frame overflows.
+        let row = (width as usize)
+            .checked_mul(format.bytes_per_pixel())
+            .ok_or(too_large.clone())?;
         if stride < row {
             return Err(PreprocessError::StrideTooShort { stride, row });
         }
@@ -224,11 +278,7 @@ impl<'a> FrameRef<'a> {
             .checked_mul(height as usize - 1)
             .and_then(|rows| rows.checked_add(row))
             .filter(|&bytes| bytes <= isize::MAX as usize)
-            .ok_or(PreprocessError::FrameTooLarge {
-                width,
-                height,
-                stride,
-            })
+            .ok_or(too_large)
     }
 
     fn check(&self) -> Result<(), PreprocessError> {
@@ -255,13 +305,18 @@ impl<'a> FrameRef<'a> {
 /// A rectangle of a frame in pixels (possibly fractional, as random-resized crops are).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Region {
+    /// Left edge, in pixels from the frame's left side.
     pub left: f32,
+    /// Top edge, in pixels from the frame's top.
     pub top: f32,
+    /// Width in pixels; above 0.
     pub width: f32,
+    /// Height in pixels; above 0.
     pub height: f32,
 }
 
 impl Region {
+    /// The whole of a `width`×`height` frame.
     pub fn whole(width: u32, height: u32) -> Self {
         Region {
             left: 0.0,
@@ -378,6 +433,8 @@ pub struct PatchPipeline {
 }
 
 impl PatchPipeline {
+    /// A pipeline for `config`, once [`PreprocessConfig::validate`] accepts it; its buffers are
+    /// sized at the first frame.
     pub fn new(config: PreprocessConfig) -> Result<Self, PreprocessError> {
         config.validate()?;
         // (x / 255 - mean) / std folded into one multiply-add per value.
@@ -400,6 +457,7 @@ impl PatchPipeline {
         })
     }
 
+    /// The configuration the pipeline runs.
     pub fn config(&self) -> &PreprocessConfig {
         &self.config
     }

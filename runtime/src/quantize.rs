@@ -23,16 +23,23 @@ use tract_onnx::pb::{
     attribute_proto::AttributeType, tensor_proto::DataType,
 };
 
+/// Why a model could not be quantized.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
+    /// The input does not load as a float model.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The file was already written by [`quantize`] or [`quantize_weights`] (its metadata says so).
     #[error("the model is already int8-quantized")]
     AlreadyQuantized,
+    /// There is no product with constant weights ([`quantize`]), or no large float constant
+    /// ([`quantize_weights`]), to store as int8.
     #[error("nothing to quantize: the model has no MatMul with constant 2-D float weights")]
     NothingToQuantize,
+    /// The model's default-domain opset (first) is older than the one needed (second).
     #[error("the model's opset {0} is older than {1}, the first with per-axis (De)QuantizeLinear")]
     OldOpset(i64, i64),
+    /// A float initializer's data cannot be read: its name, and why.
     #[error("initializer {0} is unreadable: {1}")]
     BadInitializer(String, String),
 }
@@ -42,8 +49,11 @@ pub enum QuantizeError {
 pub struct QuantizeReport {
     /// Products now on int8 weights, and those left in float.
     pub int8_products: usize,
+    /// `MatMul` products that still run in float.
     pub float_products: usize,
+    /// Size in bytes of the input file (the whole file, not only its weights).
     pub float_bytes: usize,
+    /// Size in bytes of the written file (the whole file, not only its weights).
     pub int8_bytes: usize,
 }
 

@@ -51,8 +51,11 @@ pub const MAX_RING_BYTES: usize = 1 << 30;
 /// How frames arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamFormat {
+    /// Packed 8-bit RGB (ffmpeg's `rgb24`).
     Rgb24,
+    /// Packed 8-bit BGR (ffmpeg's `bgr24`, OpenCV's order).
     Bgr24,
+    /// 8-bit grey, one byte per pixel (ffmpeg's `gray`).
     Gray8,
     /// Planar 4:2:0, BT.601 limited range (ffmpeg's `yuv420p`).
     Yuv420p,
@@ -63,6 +66,7 @@ pub enum StreamFormat {
 }
 
 impl StreamFormat {
+    /// Every format, in the order error messages list them.
     pub const ALL: [StreamFormat; 6] = [
         StreamFormat::Rgb24,
         StreamFormat::Bgr24,
@@ -72,6 +76,7 @@ impl StreamFormat {
         StreamFormat::Mjpeg,
     ];
 
+    /// The name `--format` takes (ffmpeg's `-pix_fmt` name for the raw formats).
     pub fn name(self) -> &'static str {
         match self {
             StreamFormat::Rgb24 => "rgb24",
@@ -83,11 +88,12 @@ impl StreamFormat {
         }
     }
 
-    /// Bytes of one raw frame; `None` for MJPEG, whose frames vary.
+    /// Bytes of one raw frame; `None` for MJPEG, whose frames vary. Saturates rather than
+    /// overflows for absurd sizes, which the stream's size check then refuses.
     pub fn frame_bytes(self, width: u32, height: u32) -> Option<usize> {
-        let pixels = width as usize * height as usize;
+        let pixels = (width as usize).saturating_mul(height as usize);
         match self {
-            StreamFormat::Rgb24 | StreamFormat::Bgr24 => Some(pixels * 3),
+            StreamFormat::Rgb24 | StreamFormat::Bgr24 => Some(pixels.saturating_mul(3)),
             StreamFormat::Gray8 => Some(pixels),
             StreamFormat::Yuv420p | StreamFormat::Nv12 => Some(yuv420_len(width, height)),
             StreamFormat::Mjpeg => None,
@@ -138,14 +144,18 @@ impl FromStr for KeepPolicy {
     }
 }
 
+/// What [`run_stream`] reads, and how; [`StreamConfig::new`] fills in the defaults.
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
+    /// How the frames are encoded in the input.
     pub format: StreamFormat,
     /// Frame size of raw formats (ignored for MJPEG, whose images carry their size).
     pub width: u32,
+    /// Frame height of raw formats, in pixels (ignored for MJPEG, like `width`).
     pub height: u32,
     /// Classify every n-th frame (1: all); the others are read and skipped.
     pub every: u64,
+    /// Which frames are classified when they arrive faster than inference runs.
     pub keep: KeepPolicy,
     /// Frame slots in the ring (2..=[`MAX_SLOTS`]).
     pub slots: usize,
@@ -154,6 +164,8 @@ pub struct StreamConfig {
 }
 
 impl StreamConfig {
+    /// A config for `format` frames of `width`×`height`: every frame, [`KeepPolicy::Latest`], 4
+    /// slots, JPEGs up to 16 MiB.
     pub fn new(format: StreamFormat, width: u32, height: u32) -> Self {
         StreamConfig {
             format,
@@ -212,14 +224,21 @@ impl StreamConfig {
     }
 }
 
+/// Why [`run_stream`] could not start, or stopped before the end of the input.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// The [`StreamConfig`] is invalid (slots, `every`, frame size, JPEG limit, ring size), or a
+    /// format or policy name is unknown.
     #[error("{0}")]
     Config(String),
+    /// The reader thread could not be started.
     #[error("cannot start the reader thread: {0}")]
     Spawn(std::io::Error),
+    /// A frame buffer (a ring slot, or the YUV conversion's) of the field's bytes could not be
+    /// allocated.
     #[error("cannot allocate the frame buffers ({0} bytes)")]
     OutOfMemory(usize),
+    /// The reader thread panicked; its message.
     #[error("the frame reader failed: internal error (panic): {0}")]
     ReaderPanicked(String),
     /// The event handler failed (e.g. its output was closed); the stream stopped.
@@ -230,10 +249,13 @@ pub enum StreamError {
 /// Why one frame produced no prediction.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// The frame's bytes were cut short or malformed in the input, or could not be read.
     #[error(transparent)]
     Read(#[from] FrameFault),
+    /// The MJPEG frame could not be decoded.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// Preprocessing or inference failed.
     #[error(transparent)]
     Classify(#[from] ClassifyError),
 }
@@ -241,21 +263,28 @@ pub enum FrameError {
 /// One record of the stream, in input order (dropped and skipped frames have none).
 #[derive(Debug)]
 pub enum StreamEvent<'a> {
+    /// A frame was classified.
     Classified {
         /// Position in the input, counting every frame read (0-based).
         index: u64,
         /// When the frame was completely read, since the stream started.
         arrival: Duration,
+        /// The best classes, best first; the [`Classifier`] passed alongside names them.
         top: &'a TopK,
         /// From arrival to this result: queueing, decoding, preprocessing and inference.
         latency: Duration,
         /// MJPEG decoding or YUV conversion.
         decode: Duration,
+        /// The classifier's own stages for this frame.
         timings: FrameTimings,
     },
+    /// A frame produced no prediction; the stream goes on.
     Failed {
+        /// Position in the input, counting every frame read (0-based).
         index: u64,
+        /// When the frame was completely read, since the stream started.
         arrival: Duration,
+        /// What went wrong.
         error: &'a FrameError,
     },
 }
@@ -265,6 +294,7 @@ pub enum StreamEvent<'a> {
 pub struct StreamSummary {
     /// Complete frames read from the input (classified, dropped or skipped).
     pub frames_read: u64,
+    /// Frames with a prediction.
     pub classified: u64,
     /// Dropped by the latest-frame policy because inference was behind.
     pub dropped: u64,
@@ -272,17 +302,24 @@ pub struct StreamSummary {
     pub skipped: u64,
     /// Error records (unreadable, undecodable or truncated frames).
     pub errors: u64,
+    /// Wall-clock time from the start of the stream to its end, in seconds.
     pub seconds: f64,
+    /// `classified` over `seconds`.
     pub classified_per_second: f64,
+    /// From a frame's arrival to its result, in milliseconds.
     pub latency_ms: Quantiles,
+    /// The model run of each classified frame, in milliseconds.
     pub inference_ms: Quantiles,
     /// Mean time per classified frame in each stage.
     pub mean_stage_ms: StageTimes,
 }
 
+/// Median and 99th percentile of a duration, in milliseconds (within 1 %).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Quantiles {
+    /// 50th percentile in milliseconds; `None` when no frame was classified.
     pub median: Option<f64>,
+    /// 99th percentile in milliseconds; `None` when no frame was classified.
     pub p99: Option<f64>,
 }
 
@@ -296,10 +333,14 @@ impl From<&LatencyHistogram> for Quantiles {
     }
 }
 
+/// Time per classified frame in each stage, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct StageTimes {
+    /// MJPEG decoding or YUV conversion (near 0 for RGB, BGR and grey input).
     pub decode: f64,
+    /// Resizing and normalising into the input tensor.
     pub preprocess: f64,
+    /// Running the model.
     pub inference: f64,
 }
 

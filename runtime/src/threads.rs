@@ -1,6 +1,8 @@
 //! How many cores tract's matrix products use. One executor for the whole process: tract reads
 //! it on every run, so set it once at start-up, before classifying.
 
+/// The thread pool could not be started, or this build cannot run the threads asked for
+/// ([`set_threads`]).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start {threads} inference threads: {reason}")]
 pub struct ThreadsError {

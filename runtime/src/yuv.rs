@@ -16,7 +16,9 @@ pub enum ChromaLayout {
 /// Bytes of one `width`×`height` 4:2:0 frame.
 pub fn yuv420_len(width: u32, height: u32) -> usize {
     let (w, h) = (width as usize, height as usize);
-    w * h + 2 * w.div_ceil(2) * h.div_ceil(2)
+    // Saturating: absurd sizes must reach the callers' size checks, not overflow on the way.
+    let chroma = w.div_ceil(2).saturating_mul(h.div_ceil(2));
+    w.saturating_mul(h).saturating_add(chroma.saturating_mul(2))
 }
 
 /// Luma expanded to full range. For BT.601 this is the grey the preprocessing computes from

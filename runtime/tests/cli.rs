@@ -10,6 +10,25 @@ fn sample() -> String {
     repo("models/samples/frame.jpg").display().to_string()
 }
 
+/// The README's first command classifies an image the default model knows; a newcomer can
+/// check the answer by looking at it.
+#[test]
+fn the_readme_samples_get_the_answer_a_person_sees() {
+    for (file, label) in [
+        ("ankle-boot.png", "ankle_boot"),
+        ("pullover.png", "pullover"),
+        ("trouser.png", "trouser"),
+    ] {
+        let path = repo(&format!("models/samples/{file}"))
+            .display()
+            .to_string();
+        let output = runtime(&["classify", &path, "--json"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let result: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+        assert_eq!(result["top"][0]["label"], label, "{file}: {result}");
+    }
+}
+
 #[test]
 fn classifies_the_shipped_sample_with_the_embedded_model() {
     let first = runtime(&["classify", &sample(), "--json", "--top-k", "10"]);
@@ -280,4 +299,20 @@ fn the_kernel_instruction_set_can_be_forced_and_is_reported() {
         message.contains(&format!("cannot run the {absent} kernels")),
         "{message}"
     );
+}
+
+#[test]
+fn absurd_frame_sizes_are_errors_not_overflows() {
+    // width × height × 3 overflowed 64 bits before the size check ran.
+    let output = runtime(&[
+        "stream",
+        "--format",
+        "rgb24",
+        "--size",
+        "4294967295x4294967295",
+    ]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("exceeds 16384 px"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -42,7 +42,7 @@ fn float_model() -> &'static [u8] {
 }
 
 // Thresholds: on the 10 000 Fashion-MNIST test images the int8 file agreed with f32 on over
-// 99.5 % of top-1 answers and f16 on 99.97 % (docs/precision.md, README). Over these 30 images that
+// 99.5 % of top-1 answers and f16 on 99.97 % (docs/precision.md). Over these 30 images that
 // predicts no disagreement for either; the tests allow one (f16) and two (int8), so they fail
 // on a broken precision (a wrong scale or zero point scrambles most answers), not on noise.
 

@@ -1,5 +1,5 @@
 //! Steady-state frames allocate nothing in our code: proven with a counting global allocator.
-//! Also reports what tract's own run allocates per frame (stated in the README).
+//! Also reports what tract's own run allocates per frame (stated in docs/runtime.md).
 
 use runtime::classifier::{softmax_into, top_k_into};
 use runtime::{
@@ -213,7 +213,7 @@ fn steady_state_frames_allocate_nothing_in_our_code() {
         }
     });
     assert_eq!(post, 0, "the post-processing allocated");
-    // What remains of a whole frame is tract's run; report it (the README quotes this line).
+    // What remains of a whole frame is tract's run; report it (docs/runtime.md quotes this line).
     println!("tract allocations per frame: {:.1}", whole as f64 / 30.0);
 }
 

@@ -144,6 +144,7 @@ impl Isa {
         Isa::Avx512Vnni,
     ];
 
+    /// The name `--isa`, `RUNTIME_ISA` and reports use (`avx2`, `neon-dot`, …).
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
@@ -266,10 +267,13 @@ impl FromStr for Isa {
     }
 }
 
+/// Why an instruction set cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum IsaError {
+    /// The name (from `--isa` or `RUNTIME_ISA`) is none of [`Isa::ALL`]'s.
     #[error("unknown kernel instruction set {0:?} ({list})", list = names(&Isa::ALL))]
     Unknown(String),
+    /// This CPU lacks the instruction set asked for.
     #[error("this CPU cannot run the {0} kernels; it runs {list}", list = names(&Isa::available()))]
     NotHere(Isa),
 }

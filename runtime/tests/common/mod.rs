@@ -62,3 +62,27 @@ pub fn onnx_file(graph: pb::GraphProto) -> Vec<u8> {
     }
     .encode_to_vec()
 }
+
+/// Whether the external `tool` (ffmpeg, gst-launch-1.0, …) is installed. A test that needs
+/// one it lacks says so and is skipped, so `cargo test` passes on a machine with only Rust;
+/// with `REQUIRE_ALL_TESTS` set (CI sets it) a missing tool fails the test instead.
+pub fn has_tool(tool: &str, package: &str) -> bool {
+    // Only whether it starts: the version flag differs between tools.
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        let why = format!("needs `{tool}` (apt-get install {package})");
+        assert!(
+            std::env::var_os("REQUIRE_ALL_TESTS").is_none(),
+            "REQUIRE_ALL_TESTS is set and this test {why}"
+        );
+        // Past libtest's capture, so the skip shows in a normal `cargo test` run.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: a test {why}");
+    }
+    found
+}

@@ -22,6 +22,7 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 /// `v [keys, heads, dv]`, giving `[queries, heads, dv]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenMajorAttention {
+    /// Factor of the scores `q kᵀ` before the softmax (usually `1/√d`).
     pub scale: f32,
     /// The kernel's instruction set.
     pub isa: Isa,
