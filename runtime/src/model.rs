@@ -230,16 +230,21 @@ impl Model {
 
         let input_fact = model.input_fact(0).map_err(tract)?.clone();
         let declared = declared_shape(&input_fact)?;
-        let channels = options
-            .channels
-            .or(declared[1])
-            .or(parse(&metadata, key::CHANNELS)?)
-            .ok_or(ModelError::Missing("channel count", "channels"))?;
-        let image_size = options
+        // What the caller passed wins, and the metadata is read only when needed: a malformed
+        // key that an option replaces does not fail the load.
+        let channels = match options.channels.or(declared[1]) {
+            Some(channels) => channels,
+            None => parse(&metadata, key::CHANNELS)?
+                .ok_or(ModelError::Missing("channel count", "channels"))?,
+        };
+        let image_size = match options
             .image_size
             .or(declared[2].filter(|h| declared[3] == Some(*h)))
-            .or(parse(&metadata, key::IMAGE_SIZE)?)
-            .ok_or(ModelError::Missing("input size", "input-size"))?;
+        {
+            Some(size) => size,
+            None => parse(&metadata, key::IMAGE_SIZE)?
+                .ok_or(ModelError::Missing("input size", "input-size"))?,
+        };
         for (axis, name, want) in [
             (1, "channels", channels),
             (2, "height", image_size),
@@ -252,16 +257,14 @@ impl Model {
             }
         }
         let n = channels as usize;
-        let mean = options
-            .mean
-            .clone()
-            .or(parse_json(&metadata, key::MEAN)?)
-            .unwrap_or_else(|| vec![0.5; n]);
-        let std = options
-            .std
-            .clone()
-            .or(parse_json(&metadata, key::STD)?)
-            .unwrap_or_else(|| vec![0.5; n]);
+        let mean = match options.mean.clone() {
+            Some(mean) => mean,
+            None => parse_json(&metadata, key::MEAN)?.unwrap_or_else(|| vec![0.5; n]),
+        };
+        let std = match options.std.clone() {
+            Some(std) => std,
+            None => parse_json(&metadata, key::STD)?.unwrap_or_else(|| vec![0.5; n]),
+        };
         let resize = match options.resize {
             Some(mode) => mode,
             None => match metadata.get(key::RESIZE) {
@@ -368,11 +371,11 @@ impl Model {
         let mut optimized = typed.into_optimized().map_err(tract)?;
         crate::ops::softmax::use_row_softmax(&mut optimized, isa);
         crate::ops::layer_norm::use_isa(&mut optimized, isa);
-        let labels = match options
-            .labels
-            .clone()
-            .or(parse_json(&metadata, key::LABELS)?)
-        {
+        let labels = match options.labels.clone() {
+            Some(labels) => Some(labels),
+            None => parse_json(&metadata, key::LABELS)?,
+        };
+        let labels = match labels {
             Some(labels) if labels.len() != classes => {
                 return Err(ModelError::Mismatch(format!(
                     "{} labels for a model with {classes} outputs",

@@ -240,7 +240,7 @@ pub struct FrameRef<'a> {
 impl<'a> FrameRef<'a> {
     /// A tightly packed frame (stride = width × bytes per pixel).
     pub fn packed(data: &'a [u8], width: u32, height: u32, format: PixelFormat) -> Self {
-        let stride = width as usize * format.bytes_per_pixel();
+        let stride = (width as usize).saturating_mul(format.bytes_per_pixel());
         FrameRef {
             data,
             width,

@@ -4,6 +4,7 @@
 mod common;
 use common::{float_value_info, onnx_file, repo, runtime, stderr};
 
+use prost::Message;
 use runtime::tract_onnx::pb;
 use std::path::Path;
 
@@ -204,4 +205,27 @@ fn a_run_that_fails_inside_tract_leaves_the_classifier_usable() {
     classifier.set_input(&[0.1]).unwrap();
     classifier.infer().unwrap();
     assert_eq!(classifier.logits(), [3.0, 4.0]);
+}
+
+#[test]
+fn options_replace_malformed_metadata_instead_of_failing_on_it() {
+    let mut proto = pb::ModelProto::decode(&onnx_file(linear_classifier(3))[..]).unwrap();
+    for key in ["vit.mean", "vit.std", "vit.labels"] {
+        proto.metadata_props.push(pb::StringStringEntryProto {
+            key: key.into(),
+            value: "[not json".into(),
+        });
+    }
+    let bytes = proto.encode_to_vec();
+    let error = runtime::Model::from_bytes(&bytes, &Default::default()).unwrap_err();
+    assert!(error.to_string().contains("vit.mean"), "{error}");
+    // Options given for every malformed key: the metadata is not needed, so not read.
+    let options = runtime::ModelOptions {
+        mean: Some(vec![0.5]),
+        std: Some(vec![0.25]),
+        labels: Some(vec!["a".into(), "b".into(), "c".into()]),
+        ..Default::default()
+    };
+    let model = runtime::Model::from_bytes(&bytes, &options).unwrap();
+    assert_eq!(model.labels, ["a", "b", "c"]);
 }
