@@ -185,7 +185,17 @@ unsafe fn scales(
         value_size,
         ..
     } = shape;
-    let scale_of = |peak: f32| if peak > 0.0 { peak / 127.0 } else { 1.0 };
+    // A NaN makes its scale NaN, so the scores or the value column it reaches are NaN, as
+    // in f32; `f32::max` alone would drop it and quantize the rest as if it were not there.
+    let peak_of = |m: f32, x: f32| match m.is_nan() || x.is_nan() {
+        true => f32::NAN,
+        false => m.max(x.abs()),
+    };
+    let scale_of = |peak: f32| match peak {
+        peak if peak > 0.0 => peak / 127.0,
+        peak if peak.is_nan() => f32::NAN,
+        _ => 1.0,
+    };
     let columns = value_size.div_ceil(value_tile) * value_tile;
     for (j, (key, value)) in k
         .chunks_exact(heads * key_size)
@@ -196,12 +206,12 @@ unsafe fn scales(
         for h in 0..heads {
             let peak = key[h * key_size..][..key_size]
                 .iter()
-                .fold(0f32, |m, x| m.max(x.abs()));
+                .fold(0f32, |m, &x| peak_of(m, x));
             key_scales[h * padded_keys + j] = scale_of(peak);
             // Column maxima first, turned into scales below.
             let peaks = &mut value_scales[h * columns..][..value_size];
             for (p, x) in peaks.iter_mut().zip(&value[h * value_size..][..value_size]) {
-                *p = p.max(x.abs());
+                *p = peak_of(*p, *x);
             }
         }
     }
@@ -455,7 +465,7 @@ unsafe fn block_of<const R: usize>(
     let mut totals = [0f32; R];
     for (r, total) in totals.iter_mut().enumerate() {
         // SAFETY: row r holds `keys` scores.
-        unsafe { exp_in_place(scores.as_mut_ptr().add(r * padded_keys), keys) };
+        let exp_sum = unsafe { exp_in_place(scores.as_mut_ptr().add(r * padded_keys), keys) };
         let row = &scores[r * padded_keys..][..padded_keys];
         let to = &mut weights[r * padded_keys..][..padded_keys];
         let mut sum = _mm512_setzero_si512();
@@ -470,7 +480,11 @@ unsafe fn block_of<const R: usize>(
                 _mm512_mask_cvtusepi32_storeu_epi8(to.as_mut_ptr().add(start).cast(), !0, level)
             };
         }
-        *total = _mm512_reduce_add_epi32(sum) as f32;
+        // Bytes cannot hold NaN: a row whose scores hold one divides by NaN instead.
+        *total = match exp_sum.is_nan() {
+            true => f32::NAN,
+            false => _mm512_reduce_add_epi32(sum) as f32,
+        };
     }
     // Context, tile by tile of value columns.
     let value_panel = &panels.values[head * column_tiles * padded_keys * value_tile..];

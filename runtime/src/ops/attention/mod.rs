@@ -756,6 +756,40 @@ mod tests {
         }
     }
 
+    /// A NaN key makes its head's rows NaN and a NaN value its column, in int8 as in f32.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn int8_products_keep_nan_where_f32_does() {
+        if !Isa::Avx512Vnni.runs_here() {
+            eprintln!("no AVX-512 VNNI here: the int8 attention kernel is not tested");
+            return;
+        }
+        let Case {
+            shape,
+            q,
+            mut k,
+            mut v,
+            scale,
+            ..
+        } = case((5, 40, 2, 16, 16));
+        let (heads, value_size) = (shape.heads, shape.value_size);
+        // Key 3 of head 0, and column 7 of key 2's value in head 1.
+        k[(3 * heads) * shape.key_size] = f32::NAN;
+        v[(2 * heads + 1) * value_size + 7] = f32::NAN;
+        let expected = reference(shape, scale, &q, &k, &v);
+        let mut out = vec![0.0; expected.len()];
+        // SAFETY: the CPU has AVX-512 VNNI (checked above).
+        unsafe { int8::attend(shape, scale, &q, &k, &v, &mut out) };
+        for (index, (got, want)) in out.iter().zip(&expected).enumerate() {
+            let (head, column) = (index / value_size % heads, index % value_size);
+            if head == 0 || column == 7 {
+                assert!(got.is_nan() && want.is_nan(), "{got} at {index}");
+            } else {
+                assert!((got - want).abs() < 0.05, "{got} vs {want} at {index}");
+            }
+        }
+    }
+
     #[test]
     fn einsums_are_read_up_to_labels_and_unit_axes() {
         let form = |shapes: [&[usize]; 2], axes: &str| {
