@@ -83,11 +83,8 @@ pub(super) unsafe fn attend(
     } = shape;
     let padded_keys = keys.next_multiple_of(KEY_TILE);
     let groups = key_size.div_ceil(4);
-    let value_tile = if value_size <= LANES {
-        LANES
-    } else {
-        2 * LANES
-    };
+    // The f32 AVX-512 kernel's value tiles, for the same registers.
+    let value_tile = super::avx512::tiling(value_size).value_tile;
     let column_tiles = value_size.div_ceil(value_tile);
     let keys_len = heads * padded_keys * groups * 4;
     let values_len = heads * column_tiles * padded_keys * value_tile;
