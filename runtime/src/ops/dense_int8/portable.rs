@@ -55,16 +55,12 @@ pub(super) fn quantize_rows(
         .zip(values.chunks_exact_mut(stride))
         .zip(scales.iter_mut())
     {
-        let (min, max) = row
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
-        let min = if row.iter().any(|v| v.is_nan()) {
-            f32::NAN
-        } else {
-            min
-        };
+        // `min` and `max` skip NaN, so it is counted apart, in the same pass.
+        let (min, max, nan) = row.iter().fold(
+            (f32::INFINITY, f32::NEG_INFINITY, false),
+            |(lo, hi, nan), &v| (lo.min(v), hi.max(v), nan | v.is_nan()),
+        );
+        let min = if nan { f32::NAN } else { min };
         let (row_scale, inverse) = RowScale::for_range(min, max, levels);
         for (q, &v) in quantized.iter_mut().zip(row) {
             // As the vector kernels: one rounding of the multiply-add, ties to even, and
