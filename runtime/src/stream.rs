@@ -178,6 +178,8 @@ impl StreamConfig {
         }
     }
 
+    /// The bytes of one slot, once the configuration is valid and the ring of slots fits
+    /// [`MAX_RING_BYTES`].
     fn slot_bytes(&self) -> Result<usize, StreamError> {
         let invalid = |message: String| Err(StreamError::Config(message));
         if !(2..=MAX_SLOTS).contains(&self.slots) {
@@ -189,37 +191,36 @@ impl StreamConfig {
         if self.every == 0 {
             return invalid("--every must be at least 1".into());
         }
-        match self.format.frame_bytes(self.width, self.height) {
-            None if self.max_jpeg_bytes < 1024 => invalid(format!(
-                "a {}-byte JPEG limit is too small",
-                self.max_jpeg_bytes
-            )),
-            None => Ok(self.max_jpeg_bytes),
-            Some(_) if self.width == 0 || self.height == 0 => invalid(format!(
-                "{} frames need a size (--size WIDTHxHEIGHT)",
-                self.format
-            )),
+        let slot_bytes = match self.format.frame_bytes(self.width, self.height) {
+            None if self.max_jpeg_bytes < 1024 => {
+                return invalid(format!(
+                    "a {}-byte JPEG limit is too small",
+                    self.max_jpeg_bytes
+                ));
+            }
+            None => self.max_jpeg_bytes,
+            Some(_) if self.width == 0 || self.height == 0 => {
+                return invalid(format!(
+                    "{} frames need a size (--size WIDTHxHEIGHT)",
+                    self.format
+                ));
+            }
             Some(_) if self.width > MAX_IMAGE_SIDE || self.height > MAX_IMAGE_SIDE => {
-                invalid(format!(
+                return invalid(format!(
                     "frame size {}x{} exceeds {MAX_IMAGE_SIDE} px per side",
                     self.width, self.height
-                ))
+                ));
             }
-            Some(bytes) => Ok(bytes),
-        }
-    }
-
-    /// The bytes of one slot, once the ring of them fits [`MAX_RING_BYTES`].
-    fn checked_slot_bytes(&self) -> Result<usize, StreamError> {
-        let slot_bytes = self.slot_bytes()?;
+            Some(bytes) => bytes,
+        };
         match slot_bytes.checked_mul(self.slots) {
             Some(total) if total <= MAX_RING_BYTES => Ok(slot_bytes),
-            _ => Err(StreamError::Config(format!(
+            _ => invalid(format!(
                 "{} slots of {slot_bytes} bytes exceed the ring's limit of {} MiB: use fewer \
                  --slots, smaller frames or a lower --max-jpeg-bytes",
                 self.slots,
                 MAX_RING_BYTES >> 20
-            ))),
+            )),
         }
     }
 }
@@ -355,7 +356,7 @@ pub fn run_stream(
     config: &StreamConfig,
     mut on_event: impl FnMut(&StreamEvent<'_>, &Classifier) -> std::io::Result<()>,
 ) -> Result<StreamSummary, StreamError> {
-    let slot_bytes = config.checked_slot_bytes()?;
+    let slot_bytes = config.slot_bytes()?;
     let source: Box<dyn FrameSource> = match config.format {
         StreamFormat::Mjpeg => Box::new(JpegFrames::new(input)),
         _ => Box::new(RawFrames::new(input, slot_bytes)),
