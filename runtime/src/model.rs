@@ -480,8 +480,12 @@ impl Model {
     }
 }
 
-/// What tract-onnx asserts on rather than checks: the graph has outputs, and every value a node
-/// or an output reads is a graph input, an initializer or some node's output.
+/// Most axes a tensor of a model has; ONNX sets no limit, real graphs stay below 8.
+const MAX_RANK: u64 = 64;
+
+/// What tract-onnx asserts on rather than checks: the graph has outputs, every value a node or
+/// an output reads is a graph input, an initializer or some node's output, and axis attributes
+/// are within any tensor's rank.
 fn check_wiring(graph: &tract_onnx::pb::GraphProto) -> Result<(), ModelError> {
     if graph.output.is_empty() {
         return Err(ModelError::Malformed("the graph has no outputs".into()));
@@ -507,6 +511,20 @@ fn check_wiring(graph: &tract_onnx::pb::GraphProto) -> Result<(), ModelError> {
         }
     }
     for node in &graph.node {
+        // tract's shape rules walk axis ranges: an axis of -68719476737 (a fuzzed file) kept
+        // one busy for minutes. No tensor has more than MAX_RANK axes.
+        let out_of_range = node
+            .attribute
+            .iter()
+            .filter(|a| a.name == "axis" || a.name == "axes")
+            .flat_map(|a| std::iter::once(a.i).chain(a.ints.iter().copied()))
+            .find(|axis| axis.unsigned_abs() > MAX_RANK);
+        if let Some(axis) = out_of_range {
+            return Err(ModelError::Malformed(format!(
+                "node {:?} ({}) names axis {axis}, beyond any tensor's rank",
+                node.name, node.op_type
+            )));
+        }
         if let Some(input) = node
             .input
             .iter()

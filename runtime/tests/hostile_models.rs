@@ -86,6 +86,14 @@ fn malformed_graphs_are_one_line_errors_not_panics() {
     ghost_output.output[0].name = "ghost".into();
     let mut ghost_input = linear_classifier(3);
     ghost_input.node[1].input[1] = "missing_weight".into();
+    // An axis far beyond any rank: tract's shape rules spent minutes on one (found by fuzzing).
+    let mut huge_axis = linear_classifier(3);
+    huge_axis.node[0].attribute.push(pb::AttributeProto {
+        name: "axis".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: -68_719_476_737,
+        ..Default::default()
+    });
     let cases = [
         (
             write(dir.path(), "no-outputs.onnx", no_outputs),
@@ -98,6 +106,10 @@ fn malformed_graphs_are_one_line_errors_not_panics() {
         (
             write(dir.path(), "ghost-input.onnx", ghost_input),
             "reads \"missing_weight\", which nothing produces",
+        ),
+        (
+            write(dir.path(), "huge-axis.onnx", huge_axis),
+            "names axis -68719476737, beyond any tensor's rank",
         ),
         (
             write(dir.path(), "zero-classes.onnx", linear_classifier(0)),
