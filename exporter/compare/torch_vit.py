@@ -1,6 +1,6 @@
 """Training speed of the exporter's ViT in PyTorch, for a side-by-side images/s ratio with burn.
 
-The same architecture as exporter/src/model.rs (linear patch embedding, CLS token, learnable
+The same architecture as exporter/src/model/mod.rs (linear patch embedding, CLS token, learnable
 position embedding, pre-norm blocks with fused-QKV attention and a GELU MLP, LayerNorm + linear
 head on CLS) and the same step (AdamW, label smoothing, global grad-norm clipping), on the first
 N Fashion-MNIST training images from Debian's dataset-fashion-mnist, normalised as the runtime

@@ -1,18 +1,18 @@
 //! Training side of the project: the tutorial's Vision Transformer in burn, its data pipeline,
-//! training loop and evaluation. Pixels come from the runtime crate's preprocessing.
+//! training loop and evaluation, and its export to ONNX. Pixels come from the runtime crate's
+//! preprocessing.
+//!
+//! The folders follow burn's examples: [`model`], [`data`], [`training`] and [`export`] (the
+//! inference side is the `runtime` crate).
 
 pub mod backend;
 pub mod data;
-pub mod dropout;
-pub mod ema;
-pub mod eval;
 pub mod export;
-pub mod fashion_mnist;
 pub mod model;
-pub mod onnx_graph;
-pub mod plots;
-pub mod run_folder;
-pub mod synthetic;
 pub mod training;
 
+pub use data::{fashion_mnist, synthetic};
+pub use export::onnx_graph;
+pub use model::dropout;
 pub use model::{Preset, ViTConfig, VisionTransformer};
+pub use training::{ema, eval, plots, run_folder};

@@ -32,23 +32,17 @@
 pub mod atomic_file;
 pub mod classifier;
 pub mod dataset;
-pub mod decode;
-pub mod embedded;
 pub mod evaluation;
 pub mod explain;
 pub mod ffi;
-pub mod frame_source;
-pub mod latency;
-pub mod metadata;
+mod frames;
 pub mod model;
 pub mod ops;
 pub mod overlay;
-pub mod precision;
-pub mod preprocess;
-pub mod quantize;
-pub mod stream;
 pub mod threads;
-pub mod yuv;
+
+pub use frames::{decode, frame_source, latency, preprocess, stream, yuv};
+pub use model::{embedded, metadata, precision, quantize};
 
 pub use atomic_file::{sync_dir, write_atomic, write_atomic_with};
 pub use classifier::{Classifier, ClassifyError, FrameTimings, MAX_TOP_K, Prediction, TopK};

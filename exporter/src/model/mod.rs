@@ -11,7 +11,7 @@ use burn::tensor::Distribution;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::dropout;
+pub mod dropout;
 
 /// LayerNorm epsilon, shared with the ONNX export (PyTorch's default).
 pub const LAYER_NORM_EPSILON: f64 = 1e-5;

@@ -2,6 +2,9 @@
 //! light augmentation. Pixels go through the runtime crate's [`PatchPipeline`], the same code
 //! that serves the model, so training and serving see identical inputs.
 
+pub mod fashion_mnist;
+pub mod synthetic;
+
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

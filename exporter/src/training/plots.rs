@@ -12,7 +12,7 @@ const DARK_GREEN: RGBColor = RGBColor(0, 150, 0);
 
 /// The plots' text is drawn with this font (a Latin subset of DejaVu Sans, `assets/`), so that
 /// no system font or fontconfig is needed.
-const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-latin.ttf");
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-latin.ttf");
 
 fn register_font() -> Result<(), String> {
     static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -1,19 +1,28 @@
 //! Loading an ONNX classifier into tract: metadata (or flags) → preprocessing and labels,
 //! input fixed to `[1, C, H, W]`, optimised once.
 
+pub mod embedded;
+pub mod metadata;
+pub mod precision;
+pub mod quantize;
+
+mod checks;
+mod introspect;
+
+pub use introspect::cpu_features;
+
+use checks::{check_wiring, declared_shape, parse, parse_json};
+
+use self::precision::Precision;
 use crate::metadata as key;
 use crate::ops::{Isa, IsaError};
-use crate::precision::{self, Precision};
 use crate::preprocess::{PreprocessConfig, ResizeMode, per_channel};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::{
-    DatumExt, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable,
-    TypedRunnableModel,
+    DatumExt, Framework, InferenceModelExt, IntoRunnable, TypedRunnableModel,
 };
-use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
-use tract_onnx::tract_hir::infer::Factoid;
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -403,206 +412,4 @@ impl Model {
     pub fn classes(&self) -> usize {
         self.labels.len()
     }
-
-    /// The matrix-multiply kernels tract picked for this model on this CPU, with how many of
-    /// the model's products use each (a product may keep one kernel per shape mode).
-    pub fn kernels(&self) -> BTreeMap<String, usize> {
-        let mut kernels = BTreeMap::new();
-        for node in &self.plan.model().nodes {
-            if let Some(op) = node.op_as::<OptMatMul>() {
-                for kernel in &op.mmm {
-                    *kernels.entry(kernel.name().to_string()).or_default() += 1;
-                }
-            }
-        }
-        kernels
-    }
-
-    /// The optimised model tract runs, one line per node in evaluation order: name, operator,
-    /// its settings and the output shapes. Shows what the optimiser made of a graph (which
-    /// products fused, where the layouts moved) next to `bench --profile`'s timings.
-    pub fn graph(&self) -> Vec<String> {
-        let model = self.plan.model();
-        model
-            .eval_order()
-            .unwrap_or_else(|_| (0..model.nodes.len()).collect())
-            .into_iter()
-            .map(|id| {
-                let node = &model.nodes[id];
-                let outputs: Vec<String> = node
-                    .outputs
-                    .iter()
-                    .map(|output| format!("{:?},{:?}", output.fact.shape, output.fact.datum_type))
-                    .collect();
-                let info = node.op.info().unwrap_or_default().join("; ");
-                format!(
-                    "{} {} [{}] -> {}",
-                    node.name,
-                    node.op.name(),
-                    info,
-                    outputs.join(", ")
-                )
-            })
-            .collect()
-    }
-
-    /// The instruction set of the kernel each of the runtime's own operators in the plan runs,
-    /// by operator name.
-    pub fn operator_kernels(&self) -> BTreeMap<String, Isa> {
-        use crate::ops::{
-            attention::TokenMajorAttention, dense::DenseLinear, dense_int8::DenseLinearInt8,
-            layer_norm::LastAxisLayerNorm, softmax::RowSoftmax,
-        };
-        let mut kernels = BTreeMap::new();
-        for node in &self.plan.model().nodes {
-            let op = &node.op;
-            let isa = op
-                .downcast_ref::<DenseLinear>()
-                .map(|op| op.isa)
-                .or_else(|| op.downcast_ref::<DenseLinearInt8>().map(|op| op.isa))
-                .or_else(|| op.downcast_ref::<TokenMajorAttention>().map(|op| op.isa))
-                .or_else(|| op.downcast_ref::<LastAxisLayerNorm>().map(|op| op.isa))
-                .or_else(|| op.downcast_ref::<RowSoftmax>().map(|op| op.isa));
-            if let Some(isa) = isa {
-                kernels.insert(op.name().to_string(), isa);
-            }
-        }
-        kernels
-    }
-
-    /// How many nodes of each operator the optimised model runs.
-    pub fn operators(&self) -> BTreeMap<String, usize> {
-        let mut operators = BTreeMap::new();
-        for node in &self.plan.model().nodes {
-            *operators.entry(node.op.name().to_string()).or_default() += 1;
-        }
-        operators
-    }
-}
-
-/// Most axes a tensor of a model has; ONNX sets no limit, real graphs stay below 8.
-const MAX_RANK: u64 = 64;
-
-/// What tract-onnx asserts on rather than checks: the graph has outputs, every value a node or
-/// an output reads is a graph input, an initializer or some node's output, and axis attributes
-/// are within any tensor's rank.
-fn check_wiring(graph: &tract_onnx::pb::GraphProto) -> Result<(), ModelError> {
-    if graph.output.is_empty() {
-        return Err(ModelError::Malformed("the graph has no outputs".into()));
-    }
-    let known: std::collections::HashSet<&str> = graph
-        .input
-        .iter()
-        .map(|input| input.name.as_str())
-        .chain(graph.initializer.iter().map(|init| init.name.as_str()))
-        .chain(
-            graph
-                .node
-                .iter()
-                .flat_map(|node| node.output.iter().map(String::as_str)),
-        )
-        .collect();
-    for output in &graph.output {
-        if !known.contains(output.name.as_str()) {
-            return Err(ModelError::Malformed(format!(
-                "the graph output {:?} is not produced by any node",
-                output.name
-            )));
-        }
-    }
-    for node in &graph.node {
-        // tract's shape rules walk axis ranges: an axis of -68719476737 (a fuzzed file) kept
-        // one busy for minutes. No tensor has more than MAX_RANK axes.
-        let out_of_range = node
-            .attribute
-            .iter()
-            .filter(|a| a.name == "axis" || a.name == "axes")
-            .flat_map(|a| std::iter::once(a.i).chain(a.ints.iter().copied()))
-            .find(|axis| axis.unsigned_abs() > MAX_RANK);
-        if let Some(axis) = out_of_range {
-            return Err(ModelError::Malformed(format!(
-                "node {:?} ({}) names axis {axis}, beyond any tensor's rank",
-                node.name, node.op_type
-            )));
-        }
-        if let Some(input) = node
-            .input
-            .iter()
-            .find(|input| !input.is_empty() && !known.contains(input.as_str()))
-        {
-            return Err(ModelError::Malformed(format!(
-                "node {:?} ({}) reads {input:?}, which nothing produces",
-                node.name, node.op_type
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The instruction-set extensions tract detected on this CPU and chooses kernels by.
-pub fn cpu_features() -> Vec<&'static str> {
-    tract_linalg::isa::native()
-        .iter()
-        .map(|isa| isa.name())
-        .collect()
-}
-
-/// The input's 4 dimensions where they are fixed numbers (`None` for symbols like `batch`).
-fn declared_shape(fact: &InferenceFact) -> Result<[Option<u32>; 4], ModelError> {
-    if let Some(dt) = fact.datum_type.concretize()
-        && dt != DatumType::F32
-    {
-        return Err(ModelError::NotAnImage(format!(
-            "input type is {dt:?}, not f32"
-        )));
-    }
-    let Some(rank) = fact.shape.rank().concretize() else {
-        return Ok([None; 4]);
-    };
-    if rank != 4 {
-        return Err(ModelError::NotAnImage(format!("input has rank {rank}")));
-    }
-    let mut dims = [None; 4];
-    for (axis, dim) in fact.shape.dims().enumerate() {
-        dims[axis] = dim
-            .concretize()
-            .and_then(|d| d.to_i64().ok())
-            .and_then(|d| u32::try_from(d).ok());
-    }
-    Ok(dims)
-}
-
-fn parse<T: std::str::FromStr>(
-    metadata: &BTreeMap<String, String>,
-    name: &'static str,
-) -> Result<Option<T>, ModelError>
-where
-    T::Err: std::fmt::Display,
-{
-    metadata
-        .get(name)
-        .map(|text| {
-            text.trim()
-                .parse()
-                .map_err(|e: T::Err| ModelError::BadMetadata {
-                    key: name,
-                    reason: e.to_string(),
-                })
-        })
-        .transpose()
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(
-    metadata: &BTreeMap<String, String>,
-    name: &'static str,
-) -> Result<Option<T>, ModelError> {
-    metadata
-        .get(name)
-        .map(|text| {
-            serde_json::from_str(text).map_err(|e| ModelError::BadMetadata {
-                key: name,
-                reason: e.to_string(),
-            })
-        })
-        .transpose()
 }

@@ -1,0 +1,343 @@
+//! The ONNX graph of a trained ViT, node for node as the burn model computes it: patch
+//! embedding as a Conv, the encoder blocks, LayerNorm and the head on the CLS token.
+
+use super::onnx_graph::{Attr, Dim, GraphBuilder};
+use super::values;
+use crate::model::{LAYER_NORM_EPSILON, VisionTransformer};
+use crate::training::TrainingConfig;
+use burn::nn::{LayerNorm, Linear};
+
+pub(super) fn build_graph(
+    config: &TrainingConfig,
+    model: &VisionTransformer,
+    opset: i64,
+    with_attention: bool,
+) -> GraphBuilder {
+    let v = &config.model;
+    let (d, p, c, s, heads) = (v.dim, v.patch_size, v.channels, v.image_size, v.heads);
+    let head_dim = v.head_dim();
+    let mut g = GraphBuilder::new("vit");
+    g.input(
+        "pixel_values",
+        &[
+            Dim::Symbol("batch"),
+            Dim::Fixed(c),
+            Dim::Fixed(s),
+            Dim::Fixed(s),
+        ],
+    );
+
+    // Shared constants.
+    let flatten = g.ints("const.flatten_shape", &[3], vec![0, d as i64, -1]);
+    let split_heads = g.ints(
+        "const.heads_shape",
+        &[4],
+        vec![0, 0, heads as i64, head_dim as i64],
+    );
+    let merge_heads = g.ints("const.merge_shape", &[3], vec![0, 0, d as i64]);
+    let qkv_split = g.ints("const.qkv_split", &[3], vec![d as i64; 3]);
+    let cls_tail = g.ints("const.cls_tail_shape", &[2], vec![1, d as i64]);
+    let cls_index = g.ints("const.cls_index", &[], vec![0]);
+    let scale = g.weight(
+        "const.attention_scale",
+        &[],
+        vec![1.0 / (head_dim as f32).sqrt()],
+    );
+    // ReduceMean's axes, an input from opset 18 (an attribute before): only when used.
+    let head_axis =
+        (with_attention && opset >= 18).then(|| g.ints("const.head_axis", &[1], vec![1]));
+    let mut attention_maps = Vec::new();
+    let (sqrt2, one, half) = (
+        g.weight("const.sqrt2", &[], vec![std::f32::consts::SQRT_2]),
+        g.weight("const.one", &[], vec![1.0]),
+        g.weight("const.half", &[], vec![0.5]),
+    );
+
+    // Patch embedding: the Linear over (p1 p2 c) patches is a Conv with kernel = stride = p.
+    let linear = values(model.patch_embedding.weight.val());
+    let mut conv = vec![0.0; d * c * p * p];
+    for out in 0..d {
+        for ch in 0..c {
+            for p1 in 0..p {
+                for p2 in 0..p {
+                    conv[((out * c + ch) * p + p1) * p + p2] =
+                        linear[((p1 * p + p2) * c + ch) * d + out];
+                }
+            }
+        }
+    }
+    let conv_w = g.weight("patch_embedding.weight", &[d, c, p, p], conv);
+    let conv_b = g.weight(
+        "patch_embedding.bias",
+        &[d],
+        bias_of(&model.patch_embedding, d),
+    );
+    let patches = g.node(
+        "Conv",
+        "patch_embedding",
+        &["pixel_values", &conv_w, &conv_b],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![p as i64; 2])),
+            ("strides", Attr::Ints(vec![p as i64; 2])),
+        ],
+    );
+    let patches = g.node(
+        "Reshape",
+        "patch_embedding.flatten",
+        &[&patches, &flatten],
+        vec![],
+    );
+    let patches = g.node(
+        "Transpose",
+        "patch_embedding.tokens",
+        &[&patches],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
+
+    // CLS token expanded to the batch, prepended; position embedding added.
+    let batch = g.node(
+        "Shape",
+        "batch_size",
+        &["pixel_values"],
+        vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
+    );
+    let cls_shape = g.node(
+        "Concat",
+        "cls_token.shape",
+        &[&batch, &cls_tail],
+        vec![("axis", Attr::Int(0))],
+    );
+    let cls = g.weight("cls_token", &[1, 1, d], values(model.cls_token.val()));
+    let cls = g.node("Expand", "cls_token.expand", &[&cls, &cls_shape], vec![]);
+    let tokens = g.node(
+        "Concat",
+        "tokens",
+        &[&cls, &patches],
+        vec![("axis", Attr::Int(1))],
+    );
+    let position = g.weight(
+        "position_embedding",
+        &[1, v.tokens(), d],
+        values(model.position_embedding.val()),
+    );
+    let mut x = g.node(
+        "Add",
+        "position_embedding.add",
+        &[&tokens, &position],
+        vec![],
+    );
+
+    for (i, block) in model.blocks.iter().enumerate() {
+        let b = format!("blocks.{i}");
+        // Attention.
+        let h = layer_norm(
+            &mut g,
+            &format!("{b}.attention_norm"),
+            &x,
+            &block.attention_norm,
+            d,
+        );
+        let qkv = linear_node(
+            &mut g,
+            &format!("{b}.attn.qkv"),
+            &h,
+            &block.attention.qkv,
+            d,
+            3 * d,
+        );
+        let names = [
+            format!("{b}.attn.q_flat"),
+            format!("{b}.attn.k_flat"),
+            format!("{b}.attn.v_flat"),
+        ];
+        let outputs: Vec<&str> = names.iter().map(String::as_str).collect();
+        g.node_multi(
+            "Split",
+            &format!("{b}.attn.split"),
+            &[&qkv, &qkv_split],
+            &outputs,
+            vec![("axis", Attr::Int(2))],
+        );
+        let mut heads_of = |which: &str, flat: &str, perm: Vec<i64>| {
+            let r = g.node(
+                "Reshape",
+                &format!("{b}.attn.{which}_heads"),
+                &[flat, &split_heads],
+                vec![],
+            );
+            g.node(
+                "Transpose",
+                &format!("{b}.attn.{which}"),
+                &[&r],
+                vec![("perm", Attr::Ints(perm))],
+            )
+        };
+        let q = heads_of("q", &names[0], vec![0, 2, 1, 3]);
+        let k = heads_of("k_t", &names[1], vec![0, 2, 3, 1]);
+        let vv = heads_of("v", &names[2], vec![0, 2, 1, 3]);
+        let scores = g.node("MatMul", &format!("{b}.attn.scores"), &[&q, &k], vec![]);
+        let scores = g.node(
+            "Mul",
+            &format!("{b}.attn.scaled_scores"),
+            &[&scores, &scale],
+            vec![],
+        );
+        let weights = g.node(
+            "Softmax",
+            &format!("{b}.attn.softmax"),
+            &[&scores],
+            vec![("axis", Attr::Int(-1))],
+        );
+        if with_attention {
+            let name = format!("attention.{i}");
+            let keep_dims = ("keepdims", Attr::Int(0));
+            // ReduceMean takes its axes as an input from opset 18, as an attribute before.
+            let mean = if opset >= 18 {
+                g.node(
+                    "ReduceMean",
+                    &name,
+                    &[&weights, head_axis.as_deref().expect("made for opset 18")],
+                    vec![keep_dims],
+                )
+            } else {
+                let axes = ("axes", Attr::Ints(vec![1]));
+                g.node("ReduceMean", &name, &[&weights], vec![axes, keep_dims])
+            };
+            attention_maps.push(mean);
+        }
+        let context = g.node(
+            "MatMul",
+            &format!("{b}.attn.context"),
+            &[&weights, &vv],
+            vec![],
+        );
+        let context = g.node(
+            "Transpose",
+            &format!("{b}.attn.context_tokens"),
+            &[&context],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
+        let context = g.node(
+            "Reshape",
+            &format!("{b}.attn.merge_heads"),
+            &[&context, &merge_heads],
+            vec![],
+        );
+        let attended = linear_node(
+            &mut g,
+            &format!("{b}.attn.output"),
+            &context,
+            &block.attention.output,
+            d,
+            d,
+        );
+        x = g.node(
+            "Add",
+            &format!("{b}.attn.residual"),
+            &[&x, &attended],
+            vec![],
+        );
+        // MLP.
+        let h = layer_norm(&mut g, &format!("{b}.mlp_norm"), &x, &block.mlp_norm, d);
+        let hidden = linear_node(
+            &mut g,
+            &format!("{b}.mlp.hidden"),
+            &h,
+            &block.mlp.hidden,
+            d,
+            v.mlp_dim,
+        );
+        let activated = if opset >= 20 {
+            g.node("Gelu", &format!("{b}.mlp.gelu"), &[&hidden], vec![])
+        } else {
+            // x · 0.5 · (1 + erf(x / √2)), in the order torch.onnx writes it (fusers match it).
+            let n = |part: &str| format!("{b}.mlp.gelu.{part}");
+            let scaled = g.node("Div", &n("div"), &[&hidden, &sqrt2], vec![]);
+            let erf = g.node("Erf", &n("erf"), &[&scaled], vec![]);
+            let plus_one = g.node("Add", &n("add"), &[&erf, &one], vec![]);
+            let gated = g.node("Mul", &n("mul"), &[&hidden, &plus_one], vec![]);
+            g.node("Mul", &format!("{b}.mlp.gelu"), &[&gated, &half], vec![])
+        };
+        let out = linear_node(
+            &mut g,
+            &format!("{b}.mlp.output"),
+            &activated,
+            &block.mlp.output,
+            v.mlp_dim,
+            d,
+        );
+        x = g.node("Add", &format!("{b}.mlp.residual"), &[&x, &out], vec![]);
+    }
+
+    let cls = g.node(
+        "Gather",
+        "cls",
+        &[&x, &cls_index],
+        vec![("axis", Attr::Int(1))],
+    );
+    let normed = layer_norm(&mut g, "norm", &cls, &model.norm, d);
+    let head_w = g.weight(
+        "head.weight",
+        &[d, v.num_classes],
+        values(model.head.weight.val()),
+    );
+    let head_b = g.weight(
+        "head.bias",
+        &[v.num_classes],
+        bias_of(&model.head, v.num_classes),
+    );
+    let projected = g.node("MatMul", "head.matmul", &[&normed, &head_w], vec![]);
+    g.node("Add", "logits", &[&projected, &head_b], vec![]);
+    g.output("logits", &[Dim::Symbol("batch"), Dim::Fixed(v.num_classes)]);
+    let tokens = v.tokens();
+    for map in &attention_maps {
+        let shape = [Dim::Symbol("batch"), Dim::Fixed(tokens), Dim::Fixed(tokens)];
+        g.output(map, &shape);
+    }
+    g
+}
+
+fn bias_of(linear: &Linear, len: usize) -> Vec<f32> {
+    linear
+        .bias
+        .as_ref()
+        .map_or_else(|| vec![0.0; len], |b| values(b.val()))
+}
+
+fn linear_node(
+    g: &mut GraphBuilder,
+    name: &str,
+    input: &str,
+    linear: &Linear,
+    d_in: usize,
+    d_out: usize,
+) -> String {
+    let w = g.weight(
+        &format!("{name}.weight"),
+        &[d_in, d_out],
+        values(linear.weight.val()),
+    );
+    let b = g.weight(&format!("{name}.bias"), &[d_out], bias_of(linear, d_out));
+    let product = g.node("MatMul", &format!("{name}.matmul"), &[input, &w], vec![]);
+    g.node("Add", name, &[&product, &b], vec![])
+}
+
+fn layer_norm(g: &mut GraphBuilder, name: &str, input: &str, norm: &LayerNorm, d: usize) -> String {
+    let gamma = g.weight(&format!("{name}.weight"), &[d], values(norm.gamma.val()));
+    let beta = g.weight(
+        &format!("{name}.bias"),
+        &[d],
+        norm.beta
+            .as_ref()
+            .map_or_else(|| vec![0.0; d], |b| values(b.val())),
+    );
+    g.node(
+        "LayerNormalization",
+        name,
+        &[input, &gamma, &beta],
+        vec![
+            ("axis", Attr::Int(-1)),
+            ("epsilon", Attr::Float(LAYER_NORM_EPSILON as f32)),
+        ],
+    )
+}

@@ -1,0 +1,210 @@
+//! `exporter export`: the trained ViT as a standard, self-describing ONNX graph, verified
+//! against burn's forward pass with tract before it is written.
+//!
+//! The graph mirrors the burn model ([`crate::model`]) op for op with the ops every runtime
+//! fuses: Conv patchify (kernel = stride = patch), Concat for CLS, Add for position,
+//! LayerNormalization, MatMul + Add projections, Reshape/Transpose for heads, Softmax, exact
+//! GELU (Erf below opset 20, the Gelu op from 20), Gather for the CLS token. Weights are
+//! initializers.
+
+pub mod onnx_graph;
+
+mod graph;
+mod inspect;
+mod verify;
+
+pub use inspect::{InspectError, Inspection, inspect};
+
+use graph::build_graph;
+use verify::{verification_images, verify};
+
+use crate::training::{BestCheckpoint, RunResult, TrainError, TrainingConfig, load_result};
+use burn::prelude::*;
+use onnx_graph::encode;
+use runtime::metadata;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Largest difference to burn's logits an export may show.
+pub const TOLERANCE: f32 = 1e-4;
+pub const DEFAULT_OPSET: i64 = 17;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Run(#[from] TrainError),
+    #[error("opset {0} is not supported (use 17 to 21)")]
+    Opset(i64),
+    #[error("no validation images to verify with: {0} (pass --data DIR)")]
+    NoImages(String),
+    #[error("tract cannot run the exported graph: {0}")]
+    Tract(String),
+    #[error(
+        "verification failed: tract's outputs differ from burn's by {diff:.3e} (> {TOLERANCE:.0e}) at batch {batch}"
+    )]
+    Mismatch { diff: f32, batch: usize },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportReport {
+    pub path: PathBuf,
+    pub bytes: usize,
+    pub opset: i64,
+    pub parameters: usize,
+    pub op_histogram: BTreeMap<String, usize>,
+    /// Max |tract − burn| over every output (logits, and attention maps when exported), per
+    /// verified batch size.
+    pub max_abs_diff: Vec<(usize, f32)>,
+    pub attention_outputs: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub opset: i64,
+    /// Dataset to take verification images from (default: the run's training data).
+    pub data: Option<PathBuf>,
+    /// Also output each block's attention weights averaged over heads, `attention.{block}`
+    /// of shape `[batch, tokens, tokens]`, for `runtime explain`. Off by default: the plain
+    /// graph computes logits only.
+    pub with_attention: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            opset: DEFAULT_OPSET,
+            data: None,
+            with_attention: false,
+        }
+    }
+}
+
+/// Export the run's best weights to `out`.
+pub fn export(
+    run_dir: &Path,
+    out: &Path,
+    options: &ExportOptions,
+) -> Result<ExportReport, ExportError> {
+    let opset = options.opset;
+    if !(17..=21).contains(&opset) {
+        return Err(ExportError::Opset(opset));
+    }
+    let device = crate::backend::device();
+    // The weights and the figures written into the metadata come from one committed state.
+    let RunResult {
+        config,
+        model,
+        best,
+    } = load_result(run_dir, &device)?;
+    let mut metadata = metadata_for(&config, best.as_ref());
+    if options.with_attention {
+        metadata.push((metadata::ATTENTION.into(), ATTENTION_LAYOUT.into()));
+    }
+    let graph = build_graph(&config, &model, opset, options.with_attention);
+    let proto = graph.finish(opset, env!("CARGO_PKG_VERSION"), metadata);
+    let bytes = encode(&proto);
+
+    let images = verification_images(&config, options.data.as_deref())?;
+    let mut max_abs_diff = Vec::new();
+    for batch in [1, images.len().min(3)] {
+        let diff = verify(
+            &bytes,
+            &model,
+            &images,
+            batch,
+            &device,
+            options.with_attention,
+        )?;
+        if diff > TOLERANCE {
+            return Err(ExportError::Mismatch { diff, batch });
+        }
+        max_abs_diff.push((batch, diff));
+    }
+    runtime::write_atomic(out, &bytes).map_err(|source| ExportError::Write {
+        path: out.display().to_string(),
+        source,
+    })?;
+    let graph = proto.graph.as_ref().expect("built with a graph");
+    Ok(ExportReport {
+        path: out.to_path_buf(),
+        bytes: bytes.len(),
+        opset,
+        parameters: graph
+            .initializer
+            .iter()
+            .filter(|t| t.data_type == 1)
+            .map(element_count)
+            .sum(),
+        op_histogram: op_histogram(graph),
+        max_abs_diff,
+        attention_outputs: graph.output.len() - 1,
+    })
+}
+
+/// The value of the `vit.attention` metadata key: what the attention outputs hold.
+pub const ATTENTION_LAYOUT: &str =
+    "attention.{block}: [batch, tokens, tokens] softmax weights, mean over heads; token 0 is CLS";
+
+fn metadata_for(config: &TrainingConfig, best: Option<&BestCheckpoint>) -> Vec<(String, String)> {
+    let p = &config.preprocess;
+    let mut entries = vec![
+        (metadata::FORMAT, metadata::FORMAT_VERSION.to_string()),
+        (metadata::LABELS, json(&config.classes)),
+        (metadata::IMAGE_SIZE, p.image_size.to_string()),
+        (metadata::CHANNELS, p.channels.to_string()),
+        (metadata::MEAN, json(&p.mean)),
+        (metadata::STD, json(&p.std)),
+        (metadata::RESIZE, p.resize.to_string()),
+        (
+            metadata::PRESET,
+            config
+                .preset
+                .map_or("custom".into(), |p| p.name().to_string()),
+        ),
+        (metadata::MODEL_CONFIG, json(&config.model)),
+        (
+            metadata::PRODUCER,
+            format!("exporter {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ];
+    if let Some(best) = best
+        && let Some(accuracy) = best.val_accuracy
+    {
+        entries.push((metadata::VAL_ACCURACY, format!("{accuracy:.6}")));
+        entries.push((metadata::VAL_EPOCH, best.epoch.to_string()));
+    }
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("metadata serialises")
+}
+
+fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("float tensor")
+}
+
+fn element_count(t: &runtime::tract_onnx::pb::TensorProto) -> usize {
+    t.dims.iter().product::<i64>().max(1) as usize
+}
+
+pub fn op_histogram(graph: &runtime::tract_onnx::pb::GraphProto) -> BTreeMap<String, usize> {
+    let mut histogram = BTreeMap::new();
+    for node in &graph.node {
+        *histogram.entry(node.op_type.clone()).or_insert(0) += 1;
+    }
+    histogram
+}
