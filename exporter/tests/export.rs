@@ -7,12 +7,21 @@ use exporter::training::{self, NewRun, Recipe};
 use std::path::{Path, PathBuf};
 
 fn trained_run(dir: &Path) -> PathBuf {
+    trained_run_of(dir, Preset::Tiny)
+}
+
+fn trained_run_of(dir: &Path, preset: Preset) -> PathBuf {
     let data = dir.join("data");
-    exporter::synthetic::write_dataset(&data, 3, 12, 20, 24, 3).unwrap();
+    // The CNN pools over positions, so its classes differ by texture, not place.
+    let write = match preset {
+        Preset::CnnTiny => exporter::synthetic::write_stripes,
+        _ => exporter::synthetic::write_dataset,
+    };
+    write(&data, 3, 12, 20, 24, 3).unwrap();
     let run = dir.join("run");
     let new = NewRun::new(
         data,
-        Preset::Tiny,
+        preset,
         Recipe {
             epochs: 2,
             batch_size: 8,
@@ -90,7 +99,9 @@ fn metadata_round_trips() {
     );
     assert_eq!(meta[key::RESIZE], "squash");
     assert_eq!(meta[key::PRESET], "tiny");
-    let model: exporter::ViTConfig = serde_json::from_str(&meta[key::MODEL_CONFIG]).unwrap();
+    let model: exporter::model::ModelConfig =
+        serde_json::from_str(&meta[key::MODEL_CONFIG]).unwrap();
+    assert_eq!(meta[key::ARCHITECTURE], "vit");
     assert_eq!(model, config.model);
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
@@ -199,4 +210,42 @@ fn attention_outputs_are_opt_in_and_match_burn() {
         assert_eq!(info.outputs[1].1, ["batch", "17", "17"]);
         assert!(info.metadata.contains_key(runtime::metadata::ATTENTION));
     }
+}
+
+#[test]
+fn a_cnn_exports_with_its_batch_norms_folded_and_matches_burn() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run_of(dir.path(), Preset::CnnTiny);
+    let out = dir.path().join("cnn.onnx");
+    // Trained for 2 epochs, the running statistics are far from their initial 0 and 1, so a
+    // wrong fold would show.
+    let report = export::export(&run, &out, &ExportOptions::default()).unwrap();
+    assert!(
+        report.max_abs_diff.iter().all(|(_, d)| *d <= 1e-4),
+        "{:?}",
+        report.max_abs_diff
+    );
+    let info = export::inspect(&out).unwrap();
+    let ops = &info.op_histogram;
+    // Stem, 2 convolutions per block, and the second stage's 1×1 shortcut.
+    assert_eq!(ops.get("Conv"), Some(&(1 + 2 * 2 + 1)));
+    assert!(!ops.contains_key("BatchNormalization"), "{ops:?}");
+    for op in ["GlobalAveragePool", "Gemm", "Flatten"] {
+        assert_eq!(ops.get(op), Some(&1), "{op}");
+    }
+    assert_eq!(ops.get("Add"), Some(&2), "one residual per block");
+    assert_eq!(info.metadata["vit.architecture"], "resnet");
+    assert_eq!(info.metadata["vit.preset"], "cnn-tiny");
+    assert_eq!(report.multiply_adds, {
+        let config: exporter::model::ModelConfig =
+            serde_json::from_str(&info.metadata["vit.model_config"]).unwrap();
+        config.multiply_adds()
+    });
+
+    let attention = ExportOptions {
+        with_attention: true,
+        ..ExportOptions::default()
+    };
+    let error = export::export(&run, &dir.path().join("a.onnx"), &attention).unwrap_err();
+    assert!(matches!(error, ExportError::NoAttention(_)), "{error}");
 }

@@ -3,7 +3,7 @@
 //!
 //! Set `KILL_SEED` to replay a failing sequence of kill delays (the test prints its seed).
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
 use exporter::run_folder::{self, RunState};
 use exporter::training::{self, EpochMetrics, TrainingConfig};
@@ -70,7 +70,7 @@ fn weights(config: &TrainingConfig, path: &Path) -> Vec<u32> {
         }
     }
     let device = exporter::backend::device();
-    let model = training::load_weights(config.model.init(&device).unwrap(), path).unwrap();
+    let model = training::load_model(&config.model, path, &device).unwrap();
     let mut collect = Collect(Vec::new());
     model.visit(&mut collect);
     collect.0

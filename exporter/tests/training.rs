@@ -190,6 +190,54 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
 }
 
 #[test]
+fn a_cnn_learns_resumes_exactly_and_keeps_its_running_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    // The CNN pools over positions: its classes differ by texture, not place.
+    let data = dir.path().join("stripes");
+    exporter::synthetic::write_stripes(&data, 3, 30, 20, 24, 1).unwrap();
+    let cnn = || NewRun {
+        preset: Preset::CnnTiny,
+        ..new_run(&data, 3)
+    };
+    let straight = training::train(cnn(), &dir.path().join("straight"), &mut ()).unwrap();
+    let last = straight.epochs.last().unwrap();
+    assert!(
+        last.val_accuracy.unwrap() > 0.5,
+        "3 classes, 3 epochs: {last:?}"
+    );
+    // Validation runs on the running statistics: had they stayed at their initial 0 and 1,
+    // the stem's BatchNorm would leave its inputs unnormalised and the accuracy at chance.
+    let run = dir.path().join("resumed");
+    train_first_epoch(cnn(), &run);
+    let resumed = training::resume(&run, None, None, &mut ()).unwrap();
+    for (a, b) in resumed.epochs.iter().zip(&straight.epochs) {
+        let (a_loss, b_loss) = (a.val_loss.unwrap(), b.val_loss.unwrap());
+        assert!(
+            (a_loss - b_loss).abs() < 1e-5,
+            "resumed epoch {}: validation loss {a_loss} vs {b_loss}",
+            a.epoch
+        );
+    }
+    let model_overrides = ModelOverrides {
+        dim: Some(32),
+        ..ModelOverrides::default()
+    };
+    let refused = training::train(
+        NewRun {
+            overrides: model_overrides,
+            ..cnn()
+        },
+        &dir.path().join("refused"),
+        &mut (),
+    )
+    .unwrap_err();
+    assert!(
+        refused.to_string().contains("--dim is a ViT setting"),
+        "{refused}"
+    );
+}
+
+#[test]
 fn a_zero_validation_fraction_trains_on_every_image_and_keeps_the_last_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());

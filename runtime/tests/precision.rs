@@ -201,6 +201,97 @@ fn precision_flags_that_do_not_fit_the_file_are_one_line_errors() {
     assert!(String::from_utf8_lossy(&embedded_int8.stdout).contains("\"bag\""));
 }
 
+#[test]
+fn a_gemm_head_is_quantized_with_its_weights_either_way_round() {
+    // A CNN's head (or torch's Linear): Flatten, then Gemm by a constant [16, 3] matrix, or
+    // its [3, 16] transpose with transB = 1, plus a bias.
+    let weights: Vec<f32> = (0..48)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+        .collect();
+    let transposed: Vec<f32> = (0..48).map(|i| weights[(i % 16) * 3 + i / 16]).collect();
+    let pixels: Vec<f32> = (0..16).map(|i| (i as f32 - 6.0) / 5.0).collect();
+    for (trans_b, w, dims) in [(0, &weights, [16, 3]), (1, &transposed, [3, 16])] {
+        let float = gemm_model(trans_b, w, dims);
+        let (bytes, report) =
+            runtime::quantize::quantize(&float, &ModelOptions::default()).unwrap();
+        assert_eq!((report.int8_products, report.float_products), (1, 0));
+        let logits = |bytes: &[u8]| {
+            let model = Model::from_bytes(bytes, &ModelOptions::default()).unwrap();
+            let precision = model.precision;
+            let mut classifier = Classifier::new(model, 1).unwrap();
+            classifier.set_input(&pixels).unwrap();
+            classifier.infer().unwrap();
+            (precision, classifier.logits().to_vec())
+        };
+        let (f32_precision, expected) = logits(&float);
+        let (int8_precision, got) = logits(&bytes);
+        assert_eq!(
+            (f32_precision, int8_precision),
+            (Precision::F32, Precision::Int8)
+        );
+        // By hand: bias + pixels · W.
+        for (n, &value) in expected.iter().enumerate() {
+            let exact: f32 =
+                0.5 * n as f32 + (0..16).map(|k| pixels[k] * weights[k * 3 + n]).sum::<f32>();
+            assert!(
+                (value - exact).abs() < 1e-4,
+                "transB {trans_b}: {value} vs {exact}"
+            );
+        }
+        for (a, b) in expected.iter().zip(&got) {
+            assert!(
+                (a - b).abs() < 0.05 * (1.0 + a.abs()),
+                "transB {trans_b}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// `logits = Gemm(Flatten(pixels), W, bias)` with bias `[0, 0.5, 1]`.
+fn gemm_model(trans_b: i64, weights: &[f32], dims: [i64; 2]) -> Vec<u8> {
+    use pb::tensor_proto::DataType;
+    let floats = |name: &str, dims: Vec<i64>, values: &[f32]| pb::TensorProto {
+        name: name.into(),
+        dims,
+        data_type: DataType::Float as i32,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    };
+    let int = |name: &str, i: i64| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], output: &str, attribute| pb::NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    };
+    onnx_file(pb::GraphProto {
+        name: "gemm".into(),
+        node: vec![
+            node("Flatten", &["pixels"], "flat", vec![int("axis", 1)]),
+            node(
+                "Gemm",
+                &["flat", "w", "bias"],
+                "logits",
+                vec![int("transB", trans_b)],
+            ),
+        ],
+        initializer: vec![
+            floats("w", dims.to_vec(), weights),
+            floats("bias", vec![3], &[0.0, 0.5, 1.0]),
+        ],
+        input: vec![float_value_info("pixels", &[1, 1, 4, 4])],
+        output: vec![float_value_info("logits", &[1, 3])],
+        ..Default::default()
+    })
+}
+
 fn reshape_and_add_model() -> Vec<u8> {
     use pb::tensor_proto::DataType;
     let tensor =

@@ -8,12 +8,21 @@ use runtime::{Classifier, Model, ModelOptions};
 use std::path::Path;
 
 fn trained_run(dir: &Path) -> std::path::PathBuf {
+    trained_run_of(dir, Preset::Tiny)
+}
+
+fn trained_run_of(dir: &Path, preset: Preset) -> std::path::PathBuf {
     let data = dir.join("data");
-    exporter::synthetic::write_dataset(&data, 3, 12, 20, 24, 5).unwrap();
+    // The CNN pools over positions, so its classes differ by texture, not place.
+    let write = match preset {
+        Preset::CnnTiny => exporter::synthetic::write_stripes,
+        _ => exporter::synthetic::write_dataset,
+    };
+    write(&data, 3, 12, 20, 24, 5).unwrap();
     let run = dir.join("run");
     let new = NewRun::new(
         data,
-        Preset::Tiny,
+        preset,
         Recipe {
             epochs: 2,
             batch_size: 4,
@@ -49,6 +58,13 @@ fn runtime_logits(classifier: &mut Classifier, image: &Path) -> Vec<f32> {
     let decoded = runtime::decode_file(image).unwrap();
     classifier.classify_frame(&decoded.frame()).unwrap();
     classifier.logits().to_vec()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
 }
 
 fn images(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -88,14 +104,51 @@ fn runtime_gives_burns_answer_on_an_exported_model() {
     for image in images(dir.path()) {
         let ours = runtime_logits(&mut classifier, &image);
         let reference = burn_logits(&run, &image);
-        let diff = ours
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_diff(&ours, &reference);
         assert!(
             diff <= 1e-4,
             "{}: log-probabilities differ by {diff}",
+            image.display()
+        );
+    }
+}
+
+#[test]
+fn runtime_gives_burns_answer_on_an_exported_cnn_and_its_int8_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run_of(dir.path(), Preset::CnnTiny);
+    let onnx = dir.path().join("cnn.onnx");
+    export::export(&run, &onnx, &ExportOptions::default()).unwrap();
+    let bytes = std::fs::read(&onnx).unwrap();
+    let attention = ModelOptions {
+        attention: true,
+        ..ModelOptions::default()
+    };
+    let error = Model::from_bytes(&bytes, &attention)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("a resnet model has no attention"), "{error}");
+    let mut classifier = Classifier::new(
+        Model::from_bytes(&bytes, &ModelOptions::default()).unwrap(),
+        3,
+    )
+    .unwrap();
+    let (int8, report) = runtime::quantize::quantize(&bytes, &ModelOptions::default()).unwrap();
+    assert_eq!(report.int8_products, 1, "the Gemm head");
+    let int8_model = Model::from_bytes(&int8, &ModelOptions::default()).unwrap();
+    assert_eq!(int8_model.precision, runtime::Precision::Int8);
+    let mut int8_classifier = Classifier::new(int8_model, 3).unwrap();
+    for image in images(dir.path()) {
+        let ours = runtime_logits(&mut classifier, &image);
+        let reference = burn_logits(&run, &image);
+        let diff = max_diff(&ours, &reference);
+        assert!(diff <= 1e-4, "{}: logits differ by {diff}", image.display());
+        let rounded = runtime_logits(&mut int8_classifier, &image);
+        let diff = max_diff(&ours, &rounded);
+        let scale = ours.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff <= 0.05 * scale,
+            "{}: int8 differs by {diff}",
             image.display()
         );
     }

@@ -41,11 +41,12 @@ pub(super) fn run(args: ExportArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "wrote {} ({} bytes, opset {}, {} parameters)",
+        "wrote {} ({} bytes, opset {}, {} parameters, {:.1} M multiply-adds per image)",
         report.path.display(),
         report.bytes,
         report.opset,
-        report.parameters
+        report.parameters,
+        report.multiply_adds as f64 / 1e6
     );
     if report.attention_outputs > 0 {
         println!("  with {} attention outputs", report.attention_outputs);

@@ -22,7 +22,7 @@ pub(super) struct TrainArgs {
         long,
         value_name = "RUN_DIR",
         conflicts_with_all = ["data", "preset", "image_size", "patch_size", "dim", "depth",
-            "heads", "mlp_dim", "dropout", "batch_size", "lr", "min_lr", "weight_decay",
+            "heads", "mlp_dim", "widths", "blocks", "dropout", "batch_size", "lr", "min_lr", "weight_decay",
             "warmup_epochs", "grad_clip", "no_grad_clip", "label_smoothing", "seed",
             "val_fraction", "ema", "augment", "no_augment", "crop_min_area", "erase", "channels",
             "mean", "std", "resize", "backend"]
@@ -34,7 +34,7 @@ pub(super) struct TrainArgs {
         long,
         value_name = "RUN_DIR",
         conflicts_with_all = ["resume", "preset", "image_size", "patch_size", "dim", "depth",
-            "heads", "mlp_dim", "channels", "mean", "std", "resize"]
+            "heads", "mlp_dim", "widths", "blocks", "channels", "mean", "std", "resize"]
     )]
     init_from: Option<PathBuf>,
     /// Architecture preset; the flags below override single fields.
@@ -52,6 +52,13 @@ pub(super) struct TrainArgs {
     heads: Option<usize>,
     #[arg(long)]
     mlp_dim: Option<usize>,
+    /// CNN presets: channels of each stage, e.g. 32,64,128 (each stage after the first halves
+    /// the resolution).
+    #[arg(long, value_delimiter = ',')]
+    widths: Option<Vec<usize>>,
+    /// CNN presets: residual blocks in each stage, e.g. 1,1,1.
+    #[arg(long, value_delimiter = ',')]
+    blocks: Option<Vec<usize>>,
     #[arg(long)]
     dropout: Option<f64>,
     /// Epochs to train (with --resume: the new total).
@@ -141,6 +148,8 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
                 depth: args.depth,
                 heads: args.heads,
                 mlp_dim: args.mlp_dim,
+                widths: args.widths.clone(),
+                blocks: args.blocks.clone(),
                 dropout: args.dropout,
             },
             recipe: Recipe {

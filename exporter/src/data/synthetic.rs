@@ -1,5 +1,7 @@
-//! A small synthetic folder-per-class dataset, for tests and smoke runs: each class is a bright
-//! square in its own position over noise, so a model that learns anything separates them.
+//! Small synthetic folder-per-class datasets, for tests and smoke runs: in [`write_dataset`]
+//! each class is a bright square in its own position over noise, so a model that learns
+//! anything separates them; in [`write_stripes`] each class is a stripe width at a random
+//! phase, for models that pool over positions (the CNN), to which the squares all look alike.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,18 +42,45 @@ pub fn write_dataset(
                 let base = if inside { 200 } else { 40 };
                 *p = (base + rng.random_range(0..40)) as u8;
             }
-            let mut png = Vec::new();
-            let encoder = image::codecs::png::PngEncoder::new(&mut png);
-            image::ImageEncoder::write_image(
-                encoder,
-                &pixels,
-                width,
-                height,
-                image::ExtendedColorType::L8,
-            )
-            .map_err(std::io::Error::other)?;
-            std::fs::write(dir.join(format!("{n:03}.png")), png)?;
+            write_png(&dir.join(format!("{n:03}.png")), &pixels, width, height)?;
         }
     }
     Ok(())
+}
+
+/// Write `classes × per_class` grey PNGs of `width × height` to `root/class_<k>/<n>.png`:
+/// class `k` is vertical stripes `k + 1` pixels wide, at a random phase, over noise.
+pub fn write_stripes(
+    root: &Path,
+    classes: usize,
+    per_class: usize,
+    width: u32,
+    height: u32,
+    seed: u64,
+) -> std::io::Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for class in 0..classes {
+        let dir = root.join(format!("class_{class}"));
+        std::fs::create_dir_all(&dir)?;
+        let stripe = class as u32 + 1;
+        for n in 0..per_class {
+            let phase = rng.random_range(0..2 * stripe);
+            let pixels: Vec<u8> = (0..width * height)
+                .map(|i| {
+                    let bright = ((i % width + phase) / stripe).is_multiple_of(2);
+                    (if bright { 200 } else { 40 } + rng.random_range(0..40)) as u8
+                })
+                .collect();
+            write_png(&dir.join(format!("{n:03}.png")), &pixels, width, height)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_png(path: &Path, pixels: &[u8], width: u32, height: u32) -> std::io::Result<()> {
+    let mut png = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new(&mut png);
+    image::ImageEncoder::write_image(encoder, pixels, width, height, image::ExtendedColorType::L8)
+        .map_err(std::io::Error::other)?;
+    std::fs::write(path, png)
 }

@@ -9,16 +9,18 @@
 
 pub mod onnx_graph;
 
-mod graph;
+mod cnn;
 mod inspect;
 mod verify;
+mod vit;
 
 pub use inspect::{InspectError, Inspection, inspect};
 
-use graph::build_graph;
 use verify::{verification_images, verify};
 
+use crate::model::{ModelConfig, TrainedModel};
 use crate::training::{BestCheckpoint, RunResult, TrainError, TrainingConfig, load_result};
+use burn::nn::Linear;
 use burn::prelude::*;
 use onnx_graph::encode;
 use runtime::metadata;
@@ -38,6 +40,8 @@ pub enum ExportError {
     Opset(i64),
     #[error("no validation images to verify with: {0} (pass --data DIR)")]
     NoImages(String),
+    #[error("a {0} has no attention maps to export (--with-attention is for ViTs)")]
+    NoAttention(&'static str),
     #[error("tract cannot run the exported graph: {0}")]
     Tract(String),
     #[error(
@@ -57,6 +61,8 @@ pub struct ExportReport {
     pub bytes: usize,
     pub opset: i64,
     pub parameters: usize,
+    /// Of one image's forward pass: convolutions and matrix products.
+    pub multiply_adds: u64,
     pub op_histogram: BTreeMap<String, usize>,
     /// Max |tract − burn| over every output (logits, and attention maps when exported), per
     /// verified batch size.
@@ -106,7 +112,18 @@ pub fn export(
     if options.with_attention {
         metadata.push((metadata::ATTENTION.into(), ATTENTION_LAYOUT.into()));
     }
-    let graph = build_graph(&config, &model, opset, options.with_attention);
+    let graph = match (&config.model, &model) {
+        (ModelConfig::Vit(vit), TrainedModel::Vit(model)) => {
+            vit::build_graph(vit, model, opset, options.with_attention)
+        }
+        (ModelConfig::Cnn(cnn), TrainedModel::Cnn(model)) => {
+            if options.with_attention {
+                return Err(ExportError::NoAttention("CNN"));
+            }
+            cnn::build_graph(cnn, model)
+        }
+        _ => unreachable!("load_result builds the model its configuration names"),
+    };
     let proto = graph.finish(opset, env!("CARGO_PKG_VERSION"), metadata);
     let bytes = encode(&proto);
 
@@ -141,6 +158,7 @@ pub fn export(
             .filter(|t| t.data_type == 1)
             .map(element_count)
             .sum(),
+        multiply_adds: config.model.multiply_adds(),
         op_histogram: op_histogram(graph),
         max_abs_diff,
         attention_outputs: graph.output.len() - 1,
@@ -169,6 +187,10 @@ fn metadata_for(config: &TrainingConfig, best: Option<&BestCheckpoint>) -> Vec<(
         ),
         (metadata::MODEL_CONFIG, json(&config.model)),
         (
+            metadata::ARCHITECTURE,
+            config.model.architecture().to_string(),
+        ),
+        (
             metadata::PRODUCER,
             format!("exporter {}", env!("CARGO_PKG_VERSION")),
         ),
@@ -195,6 +217,13 @@ fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("float tensor")
+}
+
+fn bias_of(linear: &Linear, len: usize) -> Vec<f32> {
+    linear
+        .bias
+        .as_ref()
+        .map_or_else(|| vec![0.0; len], |b| values(b.val()))
 }
 
 fn element_count(t: &runtime::tract_onnx::pb::TensorProto) -> usize {

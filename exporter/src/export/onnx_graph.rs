@@ -31,6 +31,19 @@ impl GraphBuilder {
     }
 
     /// A float initializer (weights live here, not in Constant nodes).
+    /// A graph whose input is `pixel_values`, `[batch, channels, side, side]` f32.
+    pub fn with_image_input(name: &str, channels: usize, side: usize) -> Self {
+        let mut graph = GraphBuilder::new(name);
+        let dims = [
+            Dim::Symbol("batch"),
+            Dim::Fixed(channels),
+            Dim::Fixed(side),
+            Dim::Fixed(side),
+        ];
+        graph.input("pixel_values", &dims);
+        graph
+    }
+
     pub fn weight(&mut self, name: &str, dims: &[usize], values: Vec<f32>) -> String {
         assert_eq!(
             dims.iter().product::<usize>(),

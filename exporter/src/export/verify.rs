@@ -3,7 +3,7 @@
 
 use super::{ExportError, values};
 use crate::data::{ImageSet, PreparedSet, Splits};
-use crate::model::VisionTransformer;
+use crate::model::TrainedModel;
 use crate::training::TrainingConfig;
 use burn::prelude::*;
 use runtime::tract_onnx::prelude::Tensor as TractTensor;
@@ -39,7 +39,7 @@ pub(super) fn verification_images(
 /// images.
 pub(super) fn verify(
     bytes: &[u8],
-    model: &VisionTransformer,
+    model: &TrainedModel,
     images: &PreparedSet,
     batch: usize,
     device: &Device,
@@ -61,13 +61,14 @@ pub(super) fn verify(
     let input = TractTensor::from_shape(&[batch, c, s, s], &pixels).map_err(tract)?;
     let outputs = runnable.run(tvec!(input.into())).map_err(tract)?;
     let input = Tensor::<4>::from_data(TensorData::new(pixels, [batch, c, s, s]), device);
-    let reference: Vec<Vec<f32>> = if with_attention {
-        let (logits, maps) = model.forward_with_attention(input);
-        std::iter::once(values(logits))
-            .chain(maps.into_iter().map(values))
-            .collect()
-    } else {
-        vec![values(model.forward(input))]
+    let reference: Vec<Vec<f32>> = match model {
+        TrainedModel::Vit(vit) if with_attention => {
+            let (logits, maps) = vit.forward_with_attention(input);
+            std::iter::once(values(logits))
+                .chain(maps.into_iter().map(values))
+                .collect()
+        }
+        _ => vec![values(model.forward(input))],
     };
     if outputs.len() != reference.len() {
         return Err(ExportError::Tract(format!(

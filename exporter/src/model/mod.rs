@@ -1,37 +1,165 @@
-//! The Vision Transformer of the "ViT from scratch" tutorial, in burn.
-//!
-//! Patch embedding (`b c (h p1) (w p2) -> b (h w) (p1 p2 c)` then Linear), a learnable CLS
-//! token in front, a learnable position embedding added, `depth` pre-norm encoder blocks, and
-//! LayerNorm + Linear on the CLS token. The ONNX exporter mirrors this file op for op.
+//! The models the exporter trains: the tutorial's Vision Transformer ([`vit`]) and a small
+//! residual CNN ([`cnn`]), the tutorial's point of comparison. Training, evaluation and export
+//! see them through [`ImageClassifier`] and [`ModelConfig`], so one loop trains both.
 
-use burn::module::Param;
-use burn::nn::{Dropout, DropoutConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+pub mod cnn;
+pub mod dropout;
+pub mod vit;
+
+pub use cnn::{CnnConfig, ResNet};
+pub use vit::{LAYER_NORM_EPSILON, ViTConfig, VisionTransformer};
+
+use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-pub mod dropout;
-
-/// LayerNorm epsilon, shared with the ONNX export (PyTorch's default).
-pub const LAYER_NORM_EPSILON: f64 = 1e-5;
-
 #[derive(Debug, thiserror::Error, PartialEq)]
-#[error("invalid ViT configuration: {0}")]
+#[error("invalid model configuration: {0}")]
 pub struct ConfigError(pub String);
 
-/// The architecture's hyper-parameters.
+/// The checks every architecture's head shares: dropout in [0, 1) and at least 2 classes.
+fn check_head(dropout: f64, num_classes: usize) -> Result<(), ConfigError> {
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(ConfigError(format!("dropout {dropout} is not in [0, 1)")));
+    }
+    if num_classes < 2 {
+        return Err(ConfigError(format!(
+            "{num_classes} class: a classifier needs at least 2"
+        )));
+    }
+    Ok(())
+}
+
+/// What the training loop, evaluation and export need of a model, whatever its architecture.
+pub trait ImageClassifier: Module + Clone + fmt::Debug + Send + Sync + 'static {
+    /// `[batch, channels, height, width]` normalised pixels → `[batch, classes]` logits. On an
+    /// autodiff device this is the training pass (dropout on, batch statistics).
+    fn forward(&self, images: Tensor<4>) -> Tensor<2>;
+
+    /// The training pass, with the batch statistics of its normalisation layers in a fixed
+    /// order, for [`ImageClassifier::update_statistics`]. The ViT keeps none.
+    fn forward_train(&self, images: Tensor<4>) -> (Tensor<2>, Vec<BatchStatistics>) {
+        (self.forward(images), Vec::new())
+    }
+
+    /// Fold one step's batch statistics (one list per part of the batch, in part order) into
+    /// the running ones. Called on the training thread after each step, so the result does not
+    /// depend on which thread ran which part.
+    fn update_statistics(&self, _parts: &[Vec<BatchStatistics>]) {}
+}
+
+/// One normalisation layer's statistics over one part of a batch (detached).
+#[derive(Clone, Debug)]
+pub struct BatchStatistics {
+    pub mean: Tensor<1>,
+    /// Biased (population) variance.
+    pub variance: Tensor<1>,
+    /// Values per channel the statistics were taken over (batch × height × width).
+    pub count: usize,
+}
+
+/// A model's hyper-parameters, as `config.json` and the ONNX metadata (`vit.model_config`)
+/// hold them. Untagged: a ViT's fields are as before this enum existed, so every earlier run
+/// still reads; a CNN's have no `patch_size`, which tells them apart.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ViTConfig {
-    pub image_size: usize,
-    pub channels: usize,
-    pub patch_size: usize,
-    pub dim: usize,
-    pub depth: usize,
-    pub heads: usize,
-    pub mlp_dim: usize,
-    pub dropout: f64,
-    pub num_classes: usize,
+#[serde(untagged)]
+pub enum ModelConfig {
+    Vit(ViTConfig),
+    Cnn(CnnConfig),
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            ModelConfig::Vit(config) => config.validate(),
+            ModelConfig::Cnn(config) => config.validate(),
+        }
+    }
+
+    pub fn image_size(&self) -> usize {
+        match self {
+            ModelConfig::Vit(config) => config.image_size,
+            ModelConfig::Cnn(config) => config.image_size,
+        }
+    }
+
+    pub fn channels(&self) -> usize {
+        match self {
+            ModelConfig::Vit(config) => config.channels,
+            ModelConfig::Cnn(config) => config.channels,
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            ModelConfig::Vit(config) => config.num_classes,
+            ModelConfig::Cnn(config) => config.num_classes,
+        }
+    }
+
+    pub fn set_dropout(&mut self, dropout: f64) {
+        match self {
+            ModelConfig::Vit(config) => config.dropout = dropout,
+            ModelConfig::Cnn(config) => config.dropout = dropout,
+        }
+    }
+
+    /// The architecture's name, as the ONNX metadata's `vit.architecture` gives it.
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            ModelConfig::Vit(_) => "vit",
+            ModelConfig::Cnn(_) => "resnet",
+        }
+    }
+
+    /// Multiply-adds of one image's forward pass (convolutions and matrix products).
+    pub fn multiply_adds(&self) -> u64 {
+        match self {
+            ModelConfig::Vit(config) => config.multiply_adds(),
+            ModelConfig::Cnn(config) => config.multiply_adds(),
+        }
+    }
+
+    /// A model of this configuration with fresh weights.
+    pub fn init(&self, device: &Device) -> Result<TrainedModel, ConfigError> {
+        Ok(match self {
+            ModelConfig::Vit(config) => TrainedModel::Vit(config.init(device)?),
+            ModelConfig::Cnn(config) => TrainedModel::Cnn(config.init(device)?),
+        })
+    }
+}
+
+/// A model of any architecture, as eval and export load it from a run.
+#[derive(Debug)]
+pub enum TrainedModel {
+    Vit(VisionTransformer),
+    Cnn(ResNet),
+}
+
+impl TrainedModel {
+    /// Inference logits (running statistics, no dropout, on a plain device).
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        match self {
+            TrainedModel::Vit(model) => model.forward(images),
+            TrainedModel::Cnn(model) => ImageClassifier::forward(model, images),
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        match self {
+            TrainedModel::Vit(model) => model.num_params(),
+            TrainedModel::Cnn(model) => model.num_params(),
+        }
+    }
+
+    /// Visit every parameter (and running statistic), as [`Module::visit`].
+    pub fn visit<V: burn::module::ModuleVisitor>(&self, visitor: &mut V) {
+        match self {
+            TrainedModel::Vit(model) => model.visit(visitor),
+            TrainedModel::Cnn(model) => model.visit(visitor),
+        }
+    }
 }
 
 /// Named architectures; `num_classes` and `channels` come from the dataset.
@@ -48,6 +176,10 @@ pub enum Preset {
     Video,
     /// DeiT-Tiny's shape: 224 px, patch 16, dim 192, 12 layers, 3 heads, MLP 768.
     DeitTiny,
+    /// A residual CNN for 28 px images: 3 stages of 32, 64 and 128 channels, 1 block each.
+    Cnn,
+    /// For tests: a residual CNN for 16 px images, 2 stages of 4 and 8 channels.
+    CnnTiny,
 }
 
 impl Preset {
@@ -58,27 +190,43 @@ impl Preset {
             Preset::Seed => "seed",
             Preset::Video => "video",
             Preset::DeitTiny => "deit-tiny",
+            Preset::Cnn => "cnn",
+            Preset::CnnTiny => "cnn-tiny",
         }
     }
 
-    pub fn config(self, channels: usize, num_classes: usize) -> ViTConfig {
-        let (image_size, patch_size, dim, depth, heads, mlp_dim, dropout) = match self {
-            Preset::Tiny => (16, 4, 16, 2, 2, 32, 0.0),
-            Preset::Fashion => (28, 7, 64, 6, 4, 128, 0.1),
-            Preset::Seed => (144, 4, 32, 6, 2, 32, 0.1),
-            Preset::Video => (144, 8, 128, 4, 4, 512, 0.1),
-            Preset::DeitTiny => (224, 16, 192, 12, 3, 768, 0.1),
+    pub fn config(self, channels: usize, num_classes: usize) -> ModelConfig {
+        let vit = |(image_size, patch_size, dim, depth, heads, mlp_dim, dropout)| {
+            ModelConfig::Vit(ViTConfig {
+                image_size,
+                channels,
+                patch_size,
+                dim,
+                depth,
+                heads,
+                mlp_dim,
+                dropout,
+                num_classes,
+            })
         };
-        ViTConfig {
-            image_size,
-            channels,
-            patch_size,
-            dim,
-            depth,
-            heads,
-            mlp_dim,
-            dropout,
-            num_classes,
+        let cnn = |image_size, widths: &[usize], blocks: &[usize]| {
+            ModelConfig::Cnn(CnnConfig {
+                image_size,
+                channels,
+                widths: widths.to_vec(),
+                blocks: blocks.to_vec(),
+                dropout: 0.0,
+                num_classes,
+            })
+        };
+        match self {
+            Preset::Tiny => vit((16, 4, 16, 2, 2, 32, 0.0)),
+            Preset::Fashion => vit((28, 7, 64, 6, 4, 128, 0.1)),
+            Preset::Seed => vit((144, 4, 32, 6, 2, 32, 0.1)),
+            Preset::Video => vit((144, 8, 128, 4, 4, 512, 0.1)),
+            Preset::DeitTiny => vit((224, 16, 192, 12, 3, 768, 0.1)),
+            Preset::Cnn => cnn(28, &[32, 64, 128], &[1, 1, 1]),
+            Preset::CnnTiny => cnn(16, &[4, 8], &[1, 1]),
         }
     }
 }
@@ -89,271 +237,6 @@ impl fmt::Display for Preset {
     }
 }
 
-impl ViTConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let fail = |msg: String| Err(ConfigError(msg));
-        let positive = [
-            ("image size", self.image_size),
-            ("channels", self.channels),
-            ("patch size", self.patch_size),
-            ("dim", self.dim),
-            ("depth", self.depth),
-            ("heads", self.heads),
-            ("MLP hidden size", self.mlp_dim),
-            ("number of classes", self.num_classes),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return fail(format!("{name} must be positive"));
-        }
-        if !self.image_size.is_multiple_of(self.patch_size) {
-            return fail(format!(
-                "image size {} is not divisible by patch size {}",
-                self.image_size, self.patch_size
-            ));
-        }
-        if !self.dim.is_multiple_of(self.heads) {
-            return fail(format!(
-                "dim {} is not divisible by {} heads",
-                self.dim, self.heads
-            ));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return fail(format!("dropout {} is not in [0, 1)", self.dropout));
-        }
-        if self.num_classes < 2 {
-            return fail(format!(
-                "{} class: a classifier needs at least 2",
-                self.num_classes
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn patches_per_side(&self) -> usize {
-        self.image_size / self.patch_size
-    }
-
-    /// Patches plus the CLS token.
-    pub fn tokens(&self) -> usize {
-        self.patches_per_side().pow(2) + 1
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.dim / self.heads
-    }
-
-    pub fn init(&self, device: &Device) -> Result<VisionTransformer, ConfigError> {
-        self.validate()?;
-        let patch_input = self.patch_size * self.patch_size * self.channels;
-        // ViT/timm initialise both learnable embeddings with a small normal (std 0.02); the
-        // tutorial's `randn` makes the position signal dwarf the patch embedding early on.
-        let embedding = |shape: [usize; 3]| {
-            Param::from_tensor(Tensor::random(
-                shape,
-                Distribution::Normal(0.0, 0.02),
-                device,
-            ))
-        };
-        Ok(VisionTransformer {
-            patch_embedding: LinearConfig::new(patch_input, self.dim).init(device),
-            cls_token: embedding([1, 1, self.dim]),
-            position_embedding: embedding([1, self.tokens(), self.dim]),
-            blocks: (0..self.depth)
-                .map(|_| EncoderBlock::new(self, device))
-                .collect(),
-            norm: layer_norm(self.dim, device),
-            head: LinearConfig::new(self.dim, self.num_classes).init(device),
-            patch_size: self.patch_size,
-        })
-    }
-}
-
-fn layer_norm(dim: usize, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(dim)
-        .with_epsilon(LAYER_NORM_EPSILON)
-        .init(device)
-}
-
-#[derive(Module, Debug)]
-pub struct VisionTransformer {
-    pub patch_embedding: Linear,
-    pub cls_token: Param<Tensor<3>>,
-    pub position_embedding: Param<Tensor<3>>,
-    pub blocks: Vec<EncoderBlock>,
-    pub norm: LayerNorm,
-    pub head: Linear,
-    pub patch_size: usize,
-}
-
-impl VisionTransformer {
-    /// `[batch, channels, height, width]` normalised pixels → `[batch, classes]` logits.
-    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let tokens = self.embed(images);
-        let [batch, _, dim] = tokens.dims();
-        let tokens = self.blocks.iter().fold(tokens, |x, block| block.forward(x));
-        let cls = tokens.narrow(1, 0, 1).reshape([batch, dim]);
-        self.head.forward(self.norm.forward(cls))
-    }
-
-    /// Logits, and each block's attention weights averaged over heads (`[batch, tokens,
-    /// tokens]`, rows summing to 1): what `exporter export --with-attention` adds as outputs.
-    pub fn forward_with_attention(&self, images: Tensor<4>) -> (Tensor<2>, Vec<Tensor<3>>) {
-        let mut x = self.embed(images);
-        let [batch, _, dim] = x.dims();
-        let mut maps = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
-            let (next, weights) = block.forward_with_attention(x);
-            maps.push(weights.mean_dim(1).squeeze_dim(1));
-            x = next;
-        }
-        let cls = x.narrow(1, 0, 1).reshape([batch, dim]);
-        (self.head.forward(self.norm.forward(cls)), maps)
-    }
-
-    /// Patchify, project, prepend CLS, add position: `[batch, tokens, dim]`.
-    fn embed(&self, images: Tensor<4>) -> Tensor<3> {
-        let [batch, channels, height, width] = images.dims();
-        let p = self.patch_size;
-        let (rows, cols) = (height / p, width / p);
-        // b c (h p1) (w p2) -> b (h w) (p1 p2 c)
-        let patches = images
-            .reshape([batch, channels, rows, p, cols, p])
-            .permute([0, 2, 4, 3, 5, 1])
-            .reshape([batch, rows * cols, p * p * channels]);
-        let patches = self.patch_embedding.forward(patches);
-        let dim = patches.dims()[2];
-        let cls = self.cls_token.val().expand([batch, 1, dim]);
-        Tensor::cat(vec![cls, patches], 1) + self.position_embedding.val()
-    }
-}
-
-/// Pre-norm transformer encoder block.
-#[derive(Module, Debug)]
-pub struct EncoderBlock {
-    pub attention_norm: LayerNorm,
-    pub attention: SelfAttention,
-    pub mlp_norm: LayerNorm,
-    pub mlp: FeedForward,
-    pub dropout: Dropout,
-}
-
-impl EncoderBlock {
-    fn new(config: &ViTConfig, device: &Device) -> Self {
-        EncoderBlock {
-            attention_norm: layer_norm(config.dim, device),
-            attention: SelfAttention::new(config, device),
-            mlp_norm: layer_norm(config.dim, device),
-            mlp: FeedForward::new(config, device),
-            dropout: DropoutConfig::new(config.dropout).init(),
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with_attention(x).0
-    }
-
-    /// The block's output and its attention weights `[batch, heads, tokens, tokens]`.
-    pub fn forward_with_attention(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let (attended, weights) = self
-            .attention
-            .forward_with_weights(self.attention_norm.forward(x.clone()));
-        let x = x + dropout::forward(&self.dropout, attended);
-        let transformed = self.mlp.forward(self.mlp_norm.forward(x.clone()));
-        (x + transformed, weights)
-    }
-}
-
-/// Multi-head self-attention with one fused QKV projection (as `nn.MultiheadAttention`'s
-/// `in_proj`), so the exported graph needs one MatMul for all three.
-#[derive(Module, Debug)]
-pub struct SelfAttention {
-    pub qkv: Linear,
-    pub output: Linear,
-    pub dropout: Dropout,
-    pub heads: usize,
-}
-
-impl SelfAttention {
-    fn new(config: &ViTConfig, device: &Device) -> Self {
-        SelfAttention {
-            qkv: LinearConfig::new(config.dim, 3 * config.dim).init(device),
-            output: LinearConfig::new(config.dim, config.dim).init(device),
-            dropout: DropoutConfig::new(config.dropout).init(),
-            heads: config.heads,
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with_weights(x).0
-    }
-
-    /// The attended tokens and the softmax weights `[batch, heads, tokens, tokens]`.
-    pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let [batch, tokens, dim] = x.dims();
-        let head_dim = dim / self.heads;
-        let split_heads = |t: Tensor<3>| {
-            t.reshape([batch, tokens, self.heads, head_dim])
-                .swap_dims(1, 2)
-        };
-        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter().map(split_heads);
-        let (q, k, v) = (
-            qkv.next().unwrap(),
-            qkv.next().unwrap(),
-            qkv.next().unwrap(),
-        );
-        // Scaling q ([tokens, head_dim]) rather than the scores ([tokens, tokens]) is the same
-        // product and, at 1297 tokens, a far smaller pass in training.
-        let scores = q
-            .mul_scalar(1.0 / (head_dim as f64).sqrt())
-            .matmul(k.swap_dims(2, 3));
-        let weights = row_softmax(scores);
-        let context = dropout::forward(&self.dropout, weights.clone())
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, tokens, dim]);
-        (self.output.forward(context), weights)
-    }
-}
-
-/// Softmax over the last axis of attention scores. The same function as burn's `softmax`, in
-/// fewer full-size passes under autodiff (the row maximum is a constant for the gradient, and one
-/// reciprocal per row replaces a division per element); training the 1297-token `seed` preset
-/// spends most of its time here.
-fn row_softmax(scores: Tensor<4>) -> Tensor<4> {
-    let row_max = scores.clone().detach().max_dim(3);
-    let exponentials = (scores - row_max).exp();
-    let row_sum_recip = exponentials.clone().sum_dim(3).recip();
-    exponentials * row_sum_recip
-}
-
-/// Linear → GELU → dropout → Linear → dropout.
-#[derive(Module, Debug)]
-pub struct FeedForward {
-    pub hidden: Linear,
-    pub output: Linear,
-    pub activation: Gelu,
-    pub dropout: Dropout,
-}
-
-impl FeedForward {
-    fn new(config: &ViTConfig, device: &Device) -> Self {
-        FeedForward {
-            hidden: LinearConfig::new(config.dim, config.mlp_dim).init(device),
-            output: LinearConfig::new(config.mlp_dim, config.dim).init(device),
-            activation: Gelu::new(),
-            dropout: DropoutConfig::new(config.dropout).init(),
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = dropout::forward(
-            &self.dropout,
-            self.activation.forward(self.hidden.forward(x)),
-        );
-        dropout::forward(&self.dropout, self.output.forward(x))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,98 +244,31 @@ mod tests {
     #[test]
     fn every_preset_produces_batch_by_classes_logits() {
         let device = crate::backend::device();
-        for preset in [
-            Preset::Tiny,
-            Preset::Fashion,
-            Preset::Seed,
-            Preset::Video,
-            Preset::DeitTiny,
-        ] {
-            let config = preset.config(3, 7);
-            let model = config.init(&device).unwrap();
-            let size = config.image_size;
-            let images = Tensor::<4>::zeros([2, 3, size, size], &device);
-            assert_eq!(model.forward(images).dims(), [2, 7], "preset {preset}");
+        for preset in <Preset as clap::ValueEnum>::value_variants() {
+            for channels in [1, 3] {
+                let config = preset.config(channels, 7);
+                let model = config.init(&device).unwrap();
+                let size = config.image_size();
+                let images = Tensor::<4>::zeros([2, channels, size, size], &device);
+                assert_eq!(model.forward(images).dims(), [2, 7], "preset {preset}");
+            }
         }
     }
 
     #[test]
-    fn row_softmax_matches_burns_softmax_and_its_gradient() {
-        let device = crate::backend::device().autodiff();
-        let scores = || Tensor::<4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 4.0), &device);
-        let values = scores();
-        let ours = values.clone().require_grad();
-        let burns = values.require_grad();
-        // A weighted sum, so each output element gets its own upstream gradient.
-        let weights = scores();
-        let ours_out = row_softmax(ours.clone());
-        let burns_out = burn::tensor::activation::softmax(burns.clone(), 3);
-        burns_out
-            .to_data()
-            .assert_approx_eq::<f32>(&ours_out.to_data(), Default::default());
-        let ours_grad = ours.grad(&(ours_out * weights.clone()).sum().backward());
-        let burns_grad = burns.grad(&(burns_out * weights).sum().backward());
-        burns_grad
-            .unwrap()
-            .to_data()
-            .assert_approx_eq::<f32>(&ours_grad.unwrap().to_data(), Default::default());
-    }
-
-    #[test]
-    fn grey_models_take_one_channel() {
-        let device = crate::backend::device();
-        let config = Preset::Tiny.config(1, 3);
-        let model = config.init(&device).unwrap();
-        let images = Tensor::<4>::ones([1, 1, 16, 16], &device);
-        let logits = model
-            .forward(images)
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        assert_eq!(logits.len(), 3);
-        assert!(logits.iter().all(|v| v.is_finite()));
-    }
-
-    #[test]
-    fn bad_configs_are_rejected_with_the_reason() {
-        let good = Preset::Seed.config(3, 37);
-        assert!(good.validate().is_ok());
-        let odd_patch = ViTConfig {
-            patch_size: 5,
-            ..good.clone()
+    fn configs_read_back_as_their_architecture() {
+        for preset in [Preset::Fashion, Preset::Cnn] {
+            let config = preset.config(1, 10);
+            let json = serde_json::to_string(&config).unwrap();
+            let back: ModelConfig = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, config, "{json}");
+        }
+        // A ViT run's config.json from before the CNN existed.
+        let old = r#"{"image_size":28,"channels":1,"patch_size":4,"dim":64,"depth":6,
+            "heads":4,"mlp_dim":128,"dropout":0.1,"num_classes":10}"#;
+        let ModelConfig::Vit(vit) = serde_json::from_str(old).unwrap() else {
+            panic!("read as a CNN")
         };
-        assert!(
-            odd_patch
-                .validate()
-                .unwrap_err()
-                .0
-                .contains("not divisible by patch size 5")
-        );
-        let odd_heads = ViTConfig {
-            heads: 3,
-            ..good.clone()
-        };
-        assert!(
-            odd_heads
-                .validate()
-                .unwrap_err()
-                .0
-                .contains("not divisible by 3 heads")
-        );
-        let one_class = ViTConfig {
-            num_classes: 1,
-            ..good
-        };
-        assert!(one_class.init(&crate::backend::device()).is_err());
-    }
-
-    #[test]
-    fn parameter_count_matches_the_architecture() {
-        let config = Preset::Seed.config(3, 37);
-        let model = config.init(&crate::backend::device()).unwrap();
-        let (d, m, p, n) = (32, 32, 4 * 4 * 3, 1297);
-        let block = 2 * (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d);
-        let expected = (p * d + d) + d + n * d + 6 * block + 2 * d + (d * 37 + 37);
-        assert_eq!(model.num_params(), expected);
+        assert_eq!(vit.patch_size, 4);
     }
 }

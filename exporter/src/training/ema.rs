@@ -4,18 +4,17 @@
 //! It smooths out the last steps' noise, which at a small learning rate is most of what
 //! separates one epoch's validation score from the next.
 
-use crate::model::VisionTransformer;
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
-pub struct WeightAverage {
+pub struct WeightAverage<M> {
     decay: f64,
-    average: VisionTransformer,
+    average: M,
 }
 
-impl WeightAverage {
+impl<M: Module> WeightAverage<M> {
     /// An average that starts at `model` (on the device it will be evaluated on).
-    pub fn new(model: VisionTransformer, decay: f64) -> Self {
+    pub fn new(model: M, decay: f64) -> Self {
         WeightAverage {
             decay,
             average: model,
@@ -23,7 +22,7 @@ impl WeightAverage {
     }
 
     /// `average = decay * average + (1 - decay) * current`, parameter by parameter.
-    pub fn update(&mut self, current: &VisionTransformer) {
+    pub fn update(&mut self, current: &M) {
         // Both modules have the same structure, so their parameters come in the same order;
         // ids are not used because a resumed average is loaded from its own file.
         struct Collect(Vec<Tensor<1>>);
@@ -57,7 +56,7 @@ impl WeightAverage {
         });
     }
 
-    pub fn model(&self) -> &VisionTransformer {
+    pub fn model(&self) -> &M {
         &self.average
     }
 }
@@ -65,9 +64,9 @@ impl WeightAverage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Preset;
+    use crate::model::{ModelConfig, Preset, TrainedModel};
 
-    fn flat(model: &VisionTransformer) -> Vec<f32> {
+    fn flat(model: &impl Module) -> Vec<f32> {
         struct Flatten(Vec<f32>);
         impl ModuleVisitor for Flatten {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -80,17 +79,9 @@ mod tests {
         flatten.0
     }
 
-    #[test]
-    fn each_update_moves_every_weight_by_one_minus_decay() {
-        let device = crate::backend::device();
-        let config = Preset::Tiny.config(1, 3);
-        device.seed(1);
-        let start = config.init(&device).unwrap();
-        device.seed(2);
-        let trained = config.init(&device).unwrap();
+    fn moves_every_weight_by_one_minus_decay<M: Module>(start: M, trained: M) {
         let (a, b) = (flat(&start), flat(&trained));
         assert_ne!(a, b);
-
         let mut average = WeightAverage::new(start, 0.75);
         average.update(&trained);
         let once = flat(average.model());
@@ -102,6 +93,30 @@ mod tests {
         for ((x, y), z) in a.iter().zip(&b).zip(&twice) {
             let expected = 0.5625 * x + 0.4375 * y;
             assert!((expected - z).abs() < 1e-6, "{x} {y} {z}");
+        }
+    }
+
+    #[test]
+    fn each_update_moves_every_weight_by_one_minus_decay() {
+        let device = crate::backend::device();
+        for preset in [Preset::Tiny, Preset::CnnTiny] {
+            let config = preset.config(1, 3);
+            device.seed(1);
+            let start = config.init(&device).unwrap();
+            device.seed(2);
+            let trained = config.init(&device).unwrap();
+            match (config, start, trained) {
+                (ModelConfig::Vit(_), TrainedModel::Vit(a), TrainedModel::Vit(b)) => {
+                    moves_every_weight_by_one_minus_decay(a, b)
+                }
+                (ModelConfig::Cnn(_), TrainedModel::Cnn(a), TrainedModel::Cnn(mut b)) => {
+                    // Fresh running statistics are equal; the average must move them too.
+                    let shifted = b.stem.norm.running_mean.value().add_scalar(1.0);
+                    b.stem.norm.running_mean = burn::module::RunningState::new(shifted);
+                    moves_every_weight_by_one_minus_decay(a, b)
+                }
+                _ => unreachable!(),
+            }
         }
     }
 }

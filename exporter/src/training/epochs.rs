@@ -8,7 +8,7 @@ use super::{
     BestCheckpoint, EpochMetrics, Progress, TrainError, TrainSummary, TrainingConfig, evaluate,
 };
 use crate::data::{Batcher, ImageSet, PreparedSet, Source, epoch_order};
-use crate::model::VisionTransformer;
+use crate::model::{BatchStatistics, ImageClassifier};
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
@@ -36,10 +36,10 @@ pub fn learning_rate(
     config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
 }
 
-pub(super) fn run(
+pub(super) fn run<M: ImageClassifier>(
     config: &TrainingConfig,
     run_dir: &Path,
-    session: Session,
+    session: Session<M>,
     (train_set, val_set): (ImageSet, ImageSet),
     stop_after: Option<usize>,
     progress: &mut dyn Progress,
@@ -102,6 +102,7 @@ pub(super) fn run(
                 loss: loss_value,
                 correct: batch_correct,
                 mut grads,
+                statistics,
             } = batch_gradients(
                 &model,
                 &loss_fn,
@@ -119,6 +120,7 @@ pub(super) fn run(
                 clip_global_norm(&model, &mut grads, max_norm);
             }
             model = optimizer.step(lr, model, grads);
+            model.update_statistics(&statistics);
             if let Some(average) = &mut average {
                 average.update(&model.valid());
             }
@@ -135,9 +137,9 @@ pub(super) fn run(
         }
         let epoch_seconds = started.elapsed().as_secs_f64();
         let eval_batch = config.batch_size.max(64);
-        let validate = |model: &VisionTransformer| {
+        let validate = |model: &M| {
             val.as_ref()
-                .map(|val| evaluate(model, val, eval_batch, &device))
+                .map(|val| evaluate(|images| model.forward(images), val, eval_batch, &device))
                 .transpose()
         };
         let evaluation = validate(&model.valid())?;
@@ -210,12 +212,12 @@ enum Best<'a> {
 }
 
 /// Everything epoch `epoch` (counting from 1) writes, ready for [`run_folder::commit`].
-fn epoch_save<'a>(
+fn epoch_save<'a, M: ImageClassifier>(
     epoch: usize,
     step: usize,
-    model: &VisionTransformer,
+    model: &M,
     optimizer: &ModuleOptimizer,
-    average: Option<&VisionTransformer>,
+    average: Option<&M>,
     best: Best,
     metrics: &'a [EpochMetrics],
 ) -> Result<EpochSave<'a>, TrainError> {
@@ -257,7 +259,7 @@ fn epoch_save<'a>(
     })
 }
 
-fn model_bytes(model: &VisionTransformer) -> Result<Vec<u8>, TrainError> {
+fn model_bytes(model: &impl Module) -> Result<Vec<u8>, TrainError> {
     let bytes = model
         .clone()
         .into_record()
@@ -272,6 +274,8 @@ struct BatchOutcome {
     loss: f64,
     correct: usize,
     grads: GradientsParams,
+    /// Each part's normalisation statistics, in part order.
+    statistics: Vec<Vec<BatchStatistics>>,
 }
 
 /// The gradients of one batch, computed in `parts` parts on the cores and summed (the training
@@ -284,8 +288,8 @@ struct BatchOutcome {
 /// graph) and scales its loss by its share of the batch, so the summed gradients are exactly
 /// the whole batch's. Part `i` seeds its dropout with `dropout_seed + i`, so a resumed epoch
 /// drops the same values whichever thread runs which part.
-fn batch_gradients(
-    model: &VisionTransformer,
+fn batch_gradients<M: ImageClassifier>(
+    model: &M,
     loss_fn: &CrossEntropyLoss,
     images: Tensor<4>,
     labels: Tensor<1, Int>,
@@ -299,7 +303,7 @@ fn batch_gradients(
         let (start, len) = (index * part_len, part_len.min(size - index * part_len));
         let replica = model.clone().fork(&images.device());
         let labels = labels.clone().narrow(0, start, len);
-        let logits = replica.forward(images.clone().narrow(0, start, len));
+        let (logits, statistics) = replica.forward_train(images.clone().narrow(0, start, len));
         let loss = loss_fn.forward(logits.clone(), labels.clone());
         let correct = count_correct(logits.detach(), labels);
         let share = len as f64 / size as f64;
@@ -309,6 +313,7 @@ fn batch_gradients(
             loss: loss_value,
             correct,
             grads,
+            statistics: vec![statistics],
         }
     };
     let parts = size.div_ceil(part_len);
@@ -317,17 +322,19 @@ fn batch_gradients(
     }
     // Collected in part order, so the sums are the same on every run.
     let outcomes: Vec<BatchOutcome> = (0..parts).into_par_iter().map(part).collect();
-    let mut sum = GradientsAccumulator::<VisionTransformer>::new();
-    let (mut loss, mut correct) = (0.0, 0);
+    let mut sum = GradientsAccumulator::<M>::new();
+    let (mut loss, mut correct, mut statistics) = (0.0, 0, Vec::with_capacity(parts));
     for outcome in outcomes {
         loss += outcome.loss;
         correct += outcome.correct;
         sum.accumulate(model, outcome.grads);
+        statistics.extend(outcome.statistics);
     }
     BatchOutcome {
         loss,
         correct,
         grads: sum.grads(),
+        statistics,
     }
 }
 
@@ -339,7 +346,7 @@ fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> usize {
 
 /// Scale all gradients so their global L2 norm is at most `max_norm`, as PyTorch's
 /// `clip_grad_norm_` does (burn's own clipping is per parameter).
-fn clip_global_norm(model: &VisionTransformer, grads: &mut GradientsParams, max_norm: f64) {
+fn clip_global_norm(model: &impl Module, grads: &mut GradientsParams, max_norm: f64) {
     struct SquaredNorm<'a> {
         grads: &'a GradientsParams,
         total: Option<Tensor<1>>,
@@ -383,7 +390,7 @@ fn clip_global_norm(model: &VisionTransformer, grads: &mut GradientsParams, max_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Preset;
+    use crate::model::{ModelConfig, Preset, VisionTransformer};
     use burn::tensor::Distribution;
 
     /// Every parameter's gradient as plain numbers, in visiting order.
@@ -417,7 +424,10 @@ mod tests {
     #[test]
     fn the_parts_give_the_whole_batch_gradient() {
         let device = crate::backend::device().autodiff();
-        let model = Preset::Tiny.config(1, 3).init(&device).unwrap();
+        let ModelConfig::Vit(config) = Preset::Tiny.config(1, 3) else {
+            unreachable!("tiny is a ViT")
+        };
+        let model = config.init(&device).unwrap();
         let loss_fn = CrossEntropyLossConfig::new()
             .with_smoothing(Some(0.1))
             .init(&device);

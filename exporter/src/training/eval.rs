@@ -2,7 +2,6 @@
 
 use crate::data::{Batcher, Source};
 use crate::data::{DataError, ImageFolder, ImageSet, PreparedSet};
-use crate::model::VisionTransformer;
 use crate::training::{TrainError, load_run};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
@@ -33,7 +32,12 @@ pub fn eval_run(run_dir: &Path, data: &Path, batch_size: usize) -> Result<EvalRe
         return Err(DataError::Empty(data.display().to_string()).into());
     }
     let prepared = PreparedSet::new(&set, &config.preprocess)?;
-    let evaluation = evaluate(&model, &prepared, batch_size, &device)?;
+    let evaluation = evaluate(
+        |images| model.forward(images),
+        &prepared,
+        batch_size,
+        &device,
+    )?;
     let confusion = Confusion {
         classes: config.classes,
         matrix: evaluation.confusion,
@@ -55,14 +59,14 @@ pub struct Evaluation {
     pub confusion: Vec<Vec<usize>>,
 }
 
+/// The figures of the model whose logits `forward` gives, on `set`.
 pub fn evaluate(
-    model: &VisionTransformer,
+    forward: impl Fn(Tensor<4>) -> Tensor<2>,
     set: &PreparedSet,
     batch_size: usize,
     device: &Device,
 ) -> Result<Evaluation, TrainError> {
-    let classes = model.head.weight.dims()[1];
-    let mut confusion = vec![vec![0; classes]; classes];
+    let mut confusion: Vec<Vec<usize>> = Vec::new();
     let mut batcher = Batcher::new(&set.config)?;
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut rng = StdRng::seed_from_u64(0);
@@ -70,7 +74,9 @@ pub fn evaluate(
     let indices: Vec<usize> = (0..set.len()).collect();
     for chunk in indices.chunks(batch_size) {
         let (images, labels) = batcher.batch(&Source::Prepared(set), chunk, &mut rng, device)?;
-        let logits = model.forward(images);
+        let logits = forward(images);
+        let classes = logits.dims()[1];
+        confusion.resize_with(classes, || vec![0; classes]);
         loss_sum += loss_fn.forward(logits.clone(), labels).into_scalar::<f32>() as f64
             * chunk.len() as f64;
         let predicted = logits
@@ -83,7 +89,7 @@ pub fn evaluate(
             confusion[set.labels[index]][p as usize] += 1;
         }
     }
-    let correct: usize = (0..classes).map(|c| confusion[c][c]).sum();
+    let correct: usize = (0..confusion.len()).map(|c| confusion[c][c]).sum();
     let count = set.len();
     Ok(Evaluation {
         loss: loss_sum / count as f64,

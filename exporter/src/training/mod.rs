@@ -22,13 +22,13 @@ mod checkpoints;
 mod epochs;
 mod start;
 
-pub use checkpoints::{RunResult, load_result, load_run, load_weights};
+pub use checkpoints::{RunResult, load_model, load_result, load_run, load_weights};
 pub use epochs::learning_rate;
 pub use eval::{Evaluation, evaluate};
 pub use start::{resume, train};
 
 use crate::data::{Augmentation, DataError};
-use crate::model::{ConfigError, Preset, ViTConfig};
+use crate::model::{ConfigError, ModelConfig, Preset};
 use runtime::PreprocessConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -59,7 +59,7 @@ impl TrainError {
 pub struct TrainingConfig {
     pub data: PathBuf,
     pub preset: Option<Preset>,
-    pub model: ViTConfig,
+    pub model: ModelConfig,
     pub preprocess: PreprocessConfig,
     pub classes: Vec<String>,
     pub epochs: usize,
@@ -181,25 +181,61 @@ pub struct ModelOverrides {
     pub depth: Option<usize>,
     pub heads: Option<usize>,
     pub mlp_dim: Option<usize>,
+    /// The CNN's stage widths and blocks per stage.
+    pub widths: Option<Vec<usize>>,
+    pub blocks: Option<Vec<usize>>,
     pub dropout: Option<f64>,
 }
 
 impl ModelOverrides {
-    fn apply(&self, config: &mut ViTConfig) {
+    /// Applies the overrides; those the architecture does not have are refused by name.
+    fn apply(&self, config: &mut ModelConfig) -> Result<(), ConfigError> {
         let set = |field: &mut usize, value: Option<usize>| {
             if let Some(v) = value {
                 *field = v;
             }
         };
-        set(&mut config.image_size, self.image_size);
-        set(&mut config.patch_size, self.patch_size);
-        set(&mut config.dim, self.dim);
-        set(&mut config.depth, self.depth);
-        set(&mut config.heads, self.heads);
-        set(&mut config.mlp_dim, self.mlp_dim);
-        if let Some(d) = self.dropout {
-            config.dropout = d;
+        match config {
+            ModelConfig::Vit(config) => {
+                let cnn_only = [("--widths", &self.widths), ("--blocks", &self.blocks)];
+                if let Some((flag, _)) = cnn_only.iter().find(|(_, v)| v.is_some()) {
+                    return Err(ConfigError(format!(
+                        "{flag} is a CNN setting; a ViT has none"
+                    )));
+                }
+                set(&mut config.image_size, self.image_size);
+                set(&mut config.patch_size, self.patch_size);
+                set(&mut config.dim, self.dim);
+                set(&mut config.depth, self.depth);
+                set(&mut config.heads, self.heads);
+                set(&mut config.mlp_dim, self.mlp_dim);
+            }
+            ModelConfig::Cnn(config) => {
+                let vit_only = [
+                    ("--patch-size", self.patch_size),
+                    ("--dim", self.dim),
+                    ("--depth", self.depth),
+                    ("--heads", self.heads),
+                    ("--mlp-dim", self.mlp_dim),
+                ];
+                if let Some((flag, _)) = vit_only.iter().find(|(_, v)| v.is_some()) {
+                    return Err(ConfigError(format!(
+                        "{flag} is a ViT setting; a CNN has none"
+                    )));
+                }
+                set(&mut config.image_size, self.image_size);
+                if let Some(widths) = &self.widths {
+                    config.widths = widths.clone();
+                }
+                if let Some(blocks) = &self.blocks {
+                    config.blocks = blocks.clone();
+                }
+            }
         }
+        if let Some(dropout) = self.dropout {
+            config.set_dropout(dropout);
+        }
+        Ok(())
     }
 }
 

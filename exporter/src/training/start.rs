@@ -1,12 +1,14 @@
 //! Starting a run (new, or fine-tuning another run's weights) and resuming one: the checks
 //! of the recipe and data, then the epochs.
 
+use super::EpochMetrics;
 use super::checkpoints::restore;
 use super::epochs::run;
+use super::run_folder::RunState;
 use super::run_folder::{self, CONFIG_FILE, read_json, write_json};
 use super::{NewRun, Progress, TrainError, TrainSummary, TrainingConfig};
 use crate::data::{Augmentation, DataError, ImageSet, Splits};
-use crate::model::ViTConfig;
+use crate::model::{ImageClassifier, ModelConfig};
 use runtime::PreprocessConfig;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -41,7 +43,7 @@ pub fn train(
         Some((source, weights)) => {
             let mut model = source.model;
             if let Some(dropout) = new.overrides.dropout {
-                model.dropout = dropout;
+                model.set_dropout(dropout);
             }
             (source.preset, model, source.preprocess, Some(weights))
         }
@@ -51,7 +53,7 @@ pub fn train(
             (Some(new.preset), model, preprocess, None)
         }
     };
-    let channels = model.channels;
+    let channels = model.channels();
     let recipe = new.recipe;
     let config = TrainingConfig {
         data: new.data,
@@ -84,17 +86,77 @@ pub fn train(
         ema: recipe.ema,
     };
     validate_recipe(&config)?;
-    let session = restore(&config, run_dir, None, Vec::new(), progress)?;
-    run_folder::create(run_dir)?;
-    write_json(&run_dir.join(CONFIG_FILE), &config)?;
-    run(
-        &config,
+    let start = Start {
         run_dir,
-        session,
-        (train_set, val_set),
-        new.stop_after,
-        progress,
-    )
+        state: None,
+        metrics: Vec::new(),
+        sets: (train_set, val_set),
+        stop_after: new.stop_after,
+    };
+    restore_and_run(&config, start, progress, |config, _| {
+        run_folder::create(run_dir)?;
+        write_json(&run_dir.join(CONFIG_FILE), config)
+    })
+}
+
+/// Where a call of [`train`] or [`resume`] starts from.
+struct Start<'a> {
+    run_dir: &'a Path,
+    state: Option<RunState>,
+    metrics: Vec<EpochMetrics>,
+    sets: (ImageSet, ImageSet),
+    stop_after: Option<usize>,
+}
+
+/// Restore the session of the run's architecture, call `prepare` (which may write to the run
+/// folder: everything has been read and checked by then), and train.
+fn restore_and_run(
+    config: &TrainingConfig,
+    start: Start,
+    progress: &mut dyn Progress,
+    prepare: impl FnOnce(&TrainingConfig, &Restored) -> Result<(), TrainError>,
+) -> Result<TrainSummary, TrainError> {
+    fn with<M: ImageClassifier>(
+        config: &TrainingConfig,
+        init: impl Fn(&burn::prelude::Device) -> Result<M, crate::model::ConfigError>,
+        start: Start,
+        progress: &mut dyn Progress,
+        prepare: impl FnOnce(&TrainingConfig, &Restored) -> Result<(), TrainError>,
+    ) -> Result<TrainSummary, TrainError> {
+        let session = restore(
+            config,
+            init,
+            start.run_dir,
+            start.state,
+            start.metrics,
+            progress,
+        )?;
+        prepare(
+            config,
+            &Restored {
+                state: session.state.as_ref(),
+                metrics: &session.metrics,
+            },
+        )?;
+        run(
+            config,
+            start.run_dir,
+            session,
+            start.sets,
+            start.stop_after,
+            progress,
+        )
+    }
+    match &config.model {
+        ModelConfig::Vit(model) => with(config, |d| model.init(d), start, progress, prepare),
+        ModelConfig::Cnn(model) => with(config, |d| model.init(d), start, progress, prepare),
+    }
+}
+
+/// What a restored session holds of the run folder, for the writes before training.
+struct Restored<'a> {
+    state: Option<&'a RunState>,
+    metrics: &'a [EpochMetrics],
 }
 
 /// The configuration of the run in `dir` and its best weights, checked to fit data with
@@ -124,12 +186,12 @@ fn architecture(
     new: &NewRun,
     all_grey: bool,
     classes: usize,
-) -> Result<(ViTConfig, PreprocessConfig), TrainError> {
+) -> Result<(ModelConfig, PreprocessConfig), TrainError> {
     let channels = new.channels.unwrap_or(if all_grey { 1 } else { 3 });
     let mut model = new.preset.config(channels, classes);
-    new.overrides.apply(&mut model);
+    new.overrides.apply(&mut model)?;
     model.validate()?;
-    let mut preprocess = PreprocessConfig::new(model.image_size as u32, channels as u32);
+    let mut preprocess = PreprocessConfig::new(model.image_size() as u32, channels as u32);
     preprocess.resize = new.resize;
     if let Some(mean) = &new.mean {
         preprocess.mean = runtime::preprocess::per_channel(mean.clone(), channels);
@@ -175,17 +237,24 @@ pub fn resume(
         }
         .into());
     }
-    let sets = load_sets(&splits, progress)?;
-    let session = restore(&config, run_dir, state, metrics, progress)?;
-    if config != saved {
-        write_json(&run_dir.join(CONFIG_FILE), &config)?;
-    }
-    // Lines of an epoch a crash kept from committing go, so the file matches the state.
-    if stale_metrics {
-        run_folder::write_metrics(run_dir, &session.metrics)?;
-    }
-    run_folder::tidy(run_dir, session.state.as_ref());
-    run(&config, run_dir, session, sets, stop_after, progress)
+    let start = Start {
+        run_dir,
+        state,
+        metrics,
+        sets: load_sets(&splits, progress)?,
+        stop_after,
+    };
+    restore_and_run(&config, start, progress, |config, session| {
+        if *config != saved {
+            write_json(&run_dir.join(CONFIG_FILE), config)?;
+        }
+        // Lines of an epoch a crash kept from committing go, so the file matches the state.
+        if stale_metrics {
+            run_folder::write_metrics(run_dir, session.metrics)?;
+        }
+        run_folder::tidy(run_dir, session.state);
+        Ok(())
+    })
 }
 
 fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {

@@ -22,6 +22,8 @@ pub const RESIZE: &str = "vit.resize";
 pub const PRESET: &str = "vit.preset";
 /// JSON of the architecture (image size, patch, dim, depth, heads, MLP, dropout, classes).
 pub const MODEL_CONFIG: &str = "vit.model_config";
+/// The architecture: `vit` or `resnet` (absent in files from before the CNN: `vit`).
+pub const ARCHITECTURE: &str = "vit.architecture";
 /// Tool and version that wrote the file.
 pub const PRODUCER: &str = "vit.producer";
 /// Validation accuracy (0–1) of the exported checkpoint, and its epoch.

@@ -78,6 +78,10 @@ pub enum ModelError {
         "the model has no attention outputs: export it with `exporter export --with-attention` (the shipped model has them)"
     )]
     NoAttention,
+    /// Attention maps were asked for from a model of an architecture without attention (its
+    /// `vit.architecture`, e.g. `resnet`).
+    #[error("a {0} model has no attention to show: explain needs a ViT")]
+    NoAttentionInArchitecture(String),
 }
 
 /// What the caller knows about a model that its metadata may lack (third-party exports).
@@ -327,7 +331,12 @@ impl Model {
                 .map(|(_, outlet)| *outlet);
             keep.extend(attention);
             if keep.len() == 1 {
-                return Err(ModelError::NoAttention);
+                return Err(match metadata.get(key::ARCHITECTURE) {
+                    Some(architecture) if architecture != "vit" => {
+                        ModelError::NoAttentionInArchitecture(architecture.clone())
+                    }
+                    _ => ModelError::NoAttention,
+                });
             }
         }
         let attention_layers = keep.len() - 1;

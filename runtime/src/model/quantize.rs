@@ -1,7 +1,9 @@
 //! Post-training int8 quantization of an ONNX classifier, dynamic: nothing to calibrate.
 //!
 //! Every `MatMul` whose right operand is a constant 2-D float matrix (the projections, the MLP
-//! and the head) becomes, in standard ONNX (the form of onnxruntime's `quantize_dynamic`),
+//! and the head), and every plain `Gemm` by a constant (a CNN's head, torch's `Linear`; its
+//! bias becomes an `Add` after), becomes, in standard ONNX (the form of onnxruntime's
+//! `quantize_dynamic`),
 //!
 //! ```text
 //! DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, z_x) → Cast(float) → Mul(s_x · s_w)
@@ -34,7 +36,7 @@ pub enum QuantizeError {
     AlreadyQuantized,
     /// There is no product with constant weights ([`quantize`]), or no large float constant
     /// ([`quantize_weights`]), to store as int8.
-    #[error("nothing to quantize: the model has no MatMul with constant 2-D float weights")]
+    #[error("nothing to quantize: the model has no MatMul or Gemm with constant 2-D float weights")]
     NothingToQuantize,
     /// The model's default-domain opset (first) is older than the one needed (second).
     #[error("the model's opset {0} is older than {1}, the first with per-axis (De)QuantizeLinear")]
@@ -76,14 +78,23 @@ pub fn quantize(
         .map(|t| (t.name.clone(), t.clone()))
         .collect();
     let is_product = |n: &NodeProto| {
-        n.op_type == "MatMul" && n.input.len() == 2 && weights.contains_key(&n.input[1])
+        let constant_weights = n.input.len() >= 2 && weights.contains_key(&n.input[1]);
+        match n.op_type.as_str() {
+            "MatMul" => constant_weights && n.input.len() == 2,
+            "Gemm" => constant_weights && n.input.len() <= 3 && is_plain_gemm(n),
+            _ => false,
+        }
     };
     let int8_products = graph.node.iter().filter(|n| is_product(n)).count();
     if int8_products == 0 {
         return Err(QuantizeError::NothingToQuantize);
     }
-    let matmuls = graph.node.iter().filter(|n| n.op_type == "MatMul").count();
-    let float_products = matmuls - int8_products;
+    let products = graph
+        .node
+        .iter()
+        .filter(|n| matches!(n.op_type.as_str(), "MatMul" | "Gemm"))
+        .count();
+    let float_products = products - int8_products;
 
     let mut nodes = Vec::with_capacity(graph.node.len() + 5 * int8_products);
     let mut quantized_activations: HashSet<String> = HashSet::new();
@@ -105,11 +116,23 @@ pub fn quantize(
             quantize.output = vec![x_q.clone(), x_scale.clone(), x_zero.clone()];
             nodes.push(quantize);
         }
-        let (w_q, w_scale) = (format!("{w}.int8"), format!("{w}.int8.scale"));
-        if quantized_weights.insert(w.clone()) {
-            let (dims, values) = float_values(&weights[w])?;
+        // Gemm's `transB = 1` weights are `[N, K]`: stored transposed, as MatMulInteger takes them.
+        let transposed = node.op_type == "Gemm" && attribute(&node, "transB") == Some(1);
+        let stored = if transposed {
+            format!("{w}.T")
+        } else {
+            w.clone()
+        };
+        let (w_q, w_scale) = (format!("{stored}.int8"), format!("{stored}.int8.scale"));
+        if quantized_weights.insert(stored.clone()) {
+            let (mut dims, mut values) = float_values(&weights[w])?;
+            if transposed {
+                values = transpose(&values, dims[0], dims[1]);
+                dims.swap(0, 1);
+            }
             let (columns, scales) = quantize_symmetric(&values, &dims, 1);
-            initializers.push(int8_tensor(&w_q, &weights[w].dims, &columns));
+            let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+            initializers.push(int8_tensor(&w_q, &shape, &columns));
             initializers.push(vector_f32(&w_scale, &scales));
         }
         let (scale, accumulated, as_float) = (
@@ -128,13 +151,20 @@ pub fn quantize(
         cast.attribute
             .push(int_attribute("to", DataType::Float as i64));
         nodes.push(cast);
-        nodes.push(plain_node("Mul", &node.name, &[&as_float, &scale], y));
+        match node.input.get(2).filter(|bias| !bias.is_empty()) {
+            Some(bias) => {
+                let product = format!("{y}.product");
+                nodes.push(plain_node("Mul", &product, &[&as_float, &scale], &product));
+                nodes.push(plain_node("Add", &node.name, &[&product, bias], y));
+            }
+            None => nodes.push(plain_node("Mul", &node.name, &[&as_float, &scale], y)),
+        }
     }
     graph.node = nodes;
     let still_used: HashSet<&String> = graph.node.iter().flat_map(|n| &n.input).collect();
     graph
         .initializer
-        .retain(|t| !quantized_weights.contains(&t.name) || still_used.contains(&t.name));
+        .retain(|t| !weights.contains_key(&t.name) || still_used.contains(&t.name));
     graph.initializer.extend(initializers);
     store_int8(graph)?;
 
@@ -144,7 +174,7 @@ pub fn quantize(
         "weights": "int8, symmetric, per output channel",
         "activations": "u8, asymmetric, from their range at each run (DynamicQuantizeLinear); the runtime quantizes each row",
         "other_weights": "large float constants stored int8 per channel, dequantized at load",
-        "products": "MatMul with constant weights -> MatMulInteger; the rest stays f32",
+        "products": "MatMul and Gemm with constant weights -> MatMulInteger; the rest stays f32",
         "int8_products": int8_products,
         "float_products": float_products,
     });
@@ -326,6 +356,29 @@ fn float_values(tensor: &TensorProto) -> Result<(Vec<usize>, Vec<f32>), Quantize
         return Err(bad("its data does not match its dims"));
     }
     Ok((dims, values))
+}
+
+/// A `Gemm` that is a plain product plus bias: `alpha = beta = 1`, `A` not transposed.
+fn is_plain_gemm(node: &NodeProto) -> bool {
+    let float = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name == name)
+            .map_or(1.0, |a| a.f)
+    };
+    float("alpha") == 1.0 && float("beta") == 1.0 && attribute(node, "transA").unwrap_or(0) == 0
+}
+
+/// An integer attribute of `node`, if it has it.
+fn attribute(node: &NodeProto, name: &str) -> Option<i64> {
+    node.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+/// A row-major `rows × columns` matrix transposed.
+fn transpose(values: &[f32], rows: usize, columns: usize) -> Vec<f32> {
+    (0..columns)
+        .flat_map(|c| (0..rows).map(move |r| values[r * columns + c]))
+        .collect()
 }
 
 fn plain_node(op: &str, name: &str, inputs: &[&str], output: &str) -> NodeProto {

@@ -2,30 +2,19 @@
 //! embedding as a Conv, the encoder blocks, LayerNorm and the head on the CLS token.
 
 use super::onnx_graph::{Attr, Dim, GraphBuilder};
-use super::values;
-use crate::model::{LAYER_NORM_EPSILON, VisionTransformer};
-use crate::training::TrainingConfig;
+use super::{bias_of, values};
+use crate::model::{LAYER_NORM_EPSILON, ViTConfig, VisionTransformer};
 use burn::nn::{LayerNorm, Linear};
 
 pub(super) fn build_graph(
-    config: &TrainingConfig,
+    v: &ViTConfig,
     model: &VisionTransformer,
     opset: i64,
     with_attention: bool,
 ) -> GraphBuilder {
-    let v = &config.model;
     let (d, p, c, s, heads) = (v.dim, v.patch_size, v.channels, v.image_size, v.heads);
     let head_dim = v.head_dim();
-    let mut g = GraphBuilder::new("vit");
-    g.input(
-        "pixel_values",
-        &[
-            Dim::Symbol("batch"),
-            Dim::Fixed(c),
-            Dim::Fixed(s),
-            Dim::Fixed(s),
-        ],
-    );
+    let mut g = GraphBuilder::with_image_input("vit", c, s);
 
     // Shared constants.
     let flatten = g.ints("const.flatten_shape", &[3], vec![0, d as i64, -1]);
@@ -295,13 +284,6 @@ pub(super) fn build_graph(
         g.output(map, &shape);
     }
     g
-}
-
-fn bias_of(linear: &Linear, len: usize) -> Vec<f32> {
-    linear
-        .bias
-        .as_ref()
-        .map_or_else(|| vec![0.0; len], |b| values(b.val()))
 }
 
 fn linear_node(
