@@ -8,6 +8,15 @@ use exporter::training::{self, ModelOverrides, NewRun, Recipe, TrainSummary};
 use rand::SeedableRng;
 use std::path::Path;
 
+/// burn seeds one random generator for the whole process, and model initialisation draws from
+/// it: a test that trains while another one does would draw some of the other's numbers, and
+/// the tests that compare two runs would see them differ. Every test here holds this lock.
+fn one_training_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn new_run(data: &Path, epochs: usize) -> NewRun {
     NewRun::new(
         data.to_path_buf(),
@@ -53,6 +62,7 @@ fn train_first_epoch(new: NewRun, run: &Path) -> TrainSummary {
 
 #[test]
 fn tiny_model_learns_and_beats_chance() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let summary = train(&data, &dir.path().join("run"), 5);
@@ -105,6 +115,7 @@ fn tiny_model_learns_and_beats_chance() {
 
 #[test]
 fn resume_continues_the_step_count_and_the_loss() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     // With dropout: each part of a batch draws its own mask on whichever thread runs it, and
@@ -146,6 +157,7 @@ fn resume_continues_the_step_count_and_the_loss() {
 
 #[test]
 fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let with_average = || {
@@ -191,6 +203,7 @@ fn the_weight_average_resumes_exactly_and_chooses_the_best_epoch() {
 
 #[test]
 fn a_cnn_learns_resumes_exactly_and_keeps_its_running_statistics() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     // The CNN pools over positions: its classes differ by texture, not place.
     let data = dir.path().join("stripes");
@@ -238,7 +251,75 @@ fn a_cnn_learns_resumes_exactly_and_keeps_its_running_statistics() {
 }
 
 #[test]
+fn a_vit_distils_from_a_cnn_run_resumes_exactly_and_refuses_a_foreign_teacher() {
+    let _exclusive = one_training_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("stripes");
+    exporter::synthetic::write_stripes(&data, 3, 30, 16, 16, 1).unwrap();
+    let teacher = dir.path().join("teacher");
+    let cnn = NewRun {
+        preset: Preset::CnnTiny,
+        ..new_run(&data, 2)
+    };
+    training::train(cnn, &teacher, &mut ()).unwrap();
+    let student = || NewRun {
+        distill_from: Some(teacher.clone()),
+        ..new_run(&data, 2)
+    };
+    let straight = training::train(student(), &dir.path().join("straight"), &mut ()).unwrap();
+    assert!(straight.epochs.iter().all(|m| m.teacher_seconds.is_some()));
+    let run = dir.path().join("resumed");
+    train_first_epoch(student(), &run);
+    let config: training::TrainingConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let distillation = config.distillation.expect("a distilled run says so");
+    let copy = std::fs::read(run.join(training::distill::TEACHER_FILE)).unwrap();
+    assert_eq!(
+        distillation.teacher_fingerprint,
+        training::distill::fingerprint(&copy)
+    );
+    assert_eq!(distillation.teacher_architecture.as_deref(), Some("resnet"));
+    let resumed = training::resume(&run, None, None, &mut ()).unwrap();
+    for (a, b) in resumed.epochs.iter().zip(&straight.epochs) {
+        assert_eq!(a.train_loss, b.train_loss, "epoch {}", a.epoch);
+        assert_eq!(a.val_loss, b.val_loss, "epoch {}", a.epoch);
+    }
+
+    // A teacher whose file changed under the run is noticed on resume.
+    std::fs::write(
+        run.join(training::distill::TEACHER_FILE),
+        b"not the teacher",
+    )
+    .unwrap();
+    let error = training::resume(&run, Some(3), None, &mut ()).unwrap_err();
+    assert!(error.to_string().contains("not the teacher"), "{error}");
+
+    // A teacher of other classes is refused before anything is written.
+    let other = dir.path().join("other");
+    exporter::synthetic::write_stripes(&other, 2, 10, 16, 16, 2).unwrap();
+    let other_teacher = dir.path().join("other-teacher");
+    let cnn = NewRun {
+        preset: Preset::CnnTiny,
+        ..new_run(&other, 1)
+    };
+    training::train(cnn, &other_teacher, &mut ()).unwrap();
+    let refused = dir.path().join("refused");
+    let error = training::train(
+        NewRun {
+            distill_from: Some(other_teacher),
+            ..new_run(&data, 1)
+        },
+        &refused,
+        &mut (),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("names the classes"), "{error}");
+    assert!(!refused.exists());
+}
+
+#[test]
 fn a_zero_validation_fraction_trains_on_every_image_and_keeps_the_last_epoch() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let run = dir.path().join("run");
@@ -280,6 +361,7 @@ fn a_zero_validation_fraction_trains_on_every_image_and_keeps_the_last_epoch() {
 
 #[test]
 fn fine_tuning_starts_from_the_source_runs_best_weights() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let source = dir.path().join("source");
@@ -346,6 +428,7 @@ fn fine_tuning_starts_from_the_source_runs_best_weights() {
 
 #[test]
 fn corrupt_images_are_skipped_and_counted() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     std::fs::write(
@@ -366,6 +449,7 @@ fn corrupt_images_are_skipped_and_counted() {
 
 #[test]
 fn loader_pixels_equal_the_runtime_preprocessing() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let folder = ImageFolder::scan(&data).unwrap();
@@ -403,6 +487,7 @@ fn loader_pixels_equal_the_runtime_preprocessing() {
 
 #[test]
 fn a_dataset_with_one_class_or_none_is_refused() {
+    let _exclusive = one_training_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let err =
         training::train(new_run(dir.path(), 1), &dir.path().join("run"), &mut ()).unwrap_err();

@@ -1,10 +1,11 @@
 //! Where the model looked: attention maps from a model exported with `--with-attention`.
 //!
 //! Each `attention.N` output holds block N's softmax weights averaged over heads,
-//! `[1, tokens, tokens]`, token 0 being CLS. Two readings of them:
-//! - last layer: the CLS row of the last block, without the CLS column;
+//! `[1, tokens, tokens]`, token 0 being CLS (and token 1 DeiT's distillation token, when the
+//! model has one). Two readings of them, for the CLS token or the distillation token:
+//! - last layer: the token's row of the last block, over the patches;
 //! - rollout (Abnar & Zuidema 2020): each block's `A + I` with rows renormalised (the residual
-//!   path), multiplied through the blocks; the CLS row of the product.
+//!   path), multiplied through the blocks; the token's row of the product, over the patches.
 
 use crate::classifier::{Classifier, ClassifyError, TopK, top_k_into};
 use crate::model::{Model, ModelError};
@@ -50,6 +51,44 @@ impl FromStr for Method {
     }
 }
 
+/// Whose attention a map shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Token {
+    /// The CLS token, whose head gives the class (the default).
+    #[default]
+    Cls,
+    /// DeiT's distillation token, whose head learnt the teacher's answers.
+    Distillation,
+}
+
+impl Token {
+    /// The name the command line and reports use: `cls` or `distillation`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Token::Cls => "cls",
+            Token::Distillation => "distillation",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Token::Cls => 0,
+            Token::Distillation => 1,
+        }
+    }
+}
+
+impl FromStr for Token {
+    type Err = ExplainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cls" => Ok(Token::Cls),
+            "distillation" => Ok(Token::Distillation),
+            other => Err(ExplainError::Token(other.to_string())),
+        }
+    }
+}
+
 /// Why a frame could not be explained.
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
@@ -62,6 +101,14 @@ pub enum ExplainError {
     /// A method name other than `rollout` and `last-layer` was parsed.
     #[error("unknown method {0:?} (expected rollout or last-layer)")]
     Method(String),
+    /// A token name other than `cls` and `distillation` was parsed.
+    #[error("unknown token {0:?} (expected cls or distillation)")]
+    Token(String),
+    /// The distillation token's attention was asked of a model without one.
+    #[error(
+        "the model has no distillation token (only a DeiT, `exporter train --distill-from`, has)"
+    )]
+    NoDistillationToken,
     /// An attention output is not `[1, tokens, tokens]` over CLS plus a square patch grid, or
     /// its token count differs from the blocks' before it.
     #[error("attention output {index} is {reason}")]
@@ -82,8 +129,10 @@ pub struct Explanation {
     pub probabilities: Vec<f32>,
     /// Per block, the `tokens × tokens` head-averaged attention, row-major.
     pub layers: Vec<Vec<f32>>,
-    /// Tokens of each block: CLS, then one per patch.
+    /// Tokens of each block: CLS (and the distillation token), then one per patch.
     pub tokens: usize,
+    /// Tokens before the patches: 1, or 2 with a distillation token.
+    pub prefix: usize,
 }
 
 impl Explanation {
@@ -94,39 +143,71 @@ impl Explanation {
         top
     }
 
-    /// The patch map of `method`.
+    /// The CLS token's patch map of `method`.
     pub fn map(&self, method: Method) -> PatchMap {
+        self.map_for(method, Token::Cls)
+            .expect("every model has CLS")
+    }
+
+    /// `token`'s patch map of `method`.
+    pub fn map_for(&self, method: Method, token: Token) -> Result<PatchMap, ExplainError> {
+        let query = self.query(token)?;
         let layers: Vec<&[f32]> = self.layers.iter().map(Vec::as_slice).collect();
         let values = match method {
-            Method::Rollout => rollout(&layers, self.tokens),
-            Method::LastLayer => cls_row(layers[layers.len() - 1], self.tokens),
+            Method::Rollout => rollout_from(&layers, self.tokens, self.prefix, query),
+            Method::LastLayer => {
+                token_row(layers[layers.len() - 1], self.tokens, self.prefix, query)
+            }
         };
-        PatchMap::new(values).expect("checked square when explained")
+        Ok(PatchMap::new(values).expect("checked square when explained"))
     }
 
     /// Each block's own CLS attention (the `--grid` pictures).
     pub fn layer_maps(&self) -> Vec<PatchMap> {
-        self.layers
+        self.layer_maps_for(Token::Cls)
+            .expect("every model has CLS")
+    }
+
+    /// Each block's own attention of `token`.
+    pub fn layer_maps_for(&self, token: Token) -> Result<Vec<PatchMap>, ExplainError> {
+        let query = self.query(token)?;
+        Ok(self
+            .layers
             .iter()
-            .map(|layer| PatchMap::new(cls_row(layer, self.tokens)).expect("checked square"))
-            .collect()
+            .map(|layer| {
+                PatchMap::new(token_row(layer, self.tokens, self.prefix, query))
+                    .expect("checked square")
+            })
+            .collect())
+    }
+
+    fn query(&self, token: Token) -> Result<usize, ExplainError> {
+        match token.index() < self.prefix {
+            true => Ok(token.index()),
+            false => Err(ExplainError::NoDistillationToken),
+        }
     }
 }
 
-/// What the CLS token attends to, over the patches.
-fn cls_row(attention: &[f32], tokens: usize) -> Vec<f32> {
-    attention[1..tokens].to_vec()
+/// What token `query` attends to, over the patches (the tokens after the `prefix` ones).
+fn token_row(attention: &[f32], tokens: usize, prefix: usize, query: usize) -> Vec<f32> {
+    attention[query * tokens + prefix..(query + 1) * tokens].to_vec()
 }
 
 /// Attention rollout's CLS row over the patches, for `layers` of `tokens × tokens` row-major
-/// attention (first block first).
-///
-/// Only the CLS row of the product is needed, so it is carried from the last block down as a
-/// row vector: `O(layers × tokens²)` instead of `O(layers × tokens³)`.
+/// attention (first block first) of a model whose only token before the patches is CLS.
 pub fn rollout(layers: &[&[f32]], tokens: usize) -> Vec<f32> {
+    rollout_from(layers, tokens, 1, 0)
+}
+
+/// Attention rollout's row of token `query` over the patches (the tokens after `prefix`).
+///
+/// Only that row of the product is needed, so it is carried from the last block down as a
+/// row vector: `O(layers × tokens²)` instead of `O(layers × tokens³)`.
+pub fn rollout_from(layers: &[&[f32]], tokens: usize, prefix: usize, query: usize) -> Vec<f32> {
     let n = tokens;
     let mut row = vec![0.0f32; n];
-    row[0] = 1.0;
+    row[query] = 1.0;
     let mut next = vec![0.0f32; n];
     for attention in layers.iter().rev() {
         next.fill(0.0);
@@ -143,7 +224,7 @@ pub fn rollout(layers: &[&[f32]], tokens: usize) -> Vec<f32> {
         }
         std::mem::swap(&mut row, &mut next);
     }
-    row[1..].to_vec()
+    row[prefix..].to_vec()
 }
 
 /// Runs a model with attention outputs on frames, through the classifier's own path.
@@ -188,22 +269,44 @@ impl Explainer {
                 }
                 _ => return Err(bad(format!("shaped {shape:?}, not [1, tokens, tokens]"))),
             }
-            if PatchMap::new(vec![0.0; tokens - 1]).is_none() {
-                return Err(bad(format!(
-                    "over {tokens} tokens: CLS plus a square patch grid was expected"
-                )));
-            }
+
             let values = output
                 .to_plain_array_view::<f32>()
                 .map_err(|e| bad(e.to_string()))?;
             layers.push(values.iter().copied().collect());
         }
+        let prefix = self
+            .prefix_tokens(tokens)
+            .ok_or_else(|| ExplainError::BadAttention {
+                index: 0,
+                reason: format!(
+                    "over {tokens} tokens: CLS (and a distillation token) plus a square patch grid \
+                 was expected"
+                ),
+            })?;
         Ok(Explanation {
             logits: self.classifier.logits().to_vec(),
             probabilities: self.classifier.probabilities().to_vec(),
             layers,
             tokens,
+            prefix,
         })
+    }
+
+    /// The tokens before the patches: 2 in a model whose metadata says it is a DeiT, else
+    /// whichever of 1 (CLS) or 2 (CLS and a distillation token, as timm's DeiT files have)
+    /// leaves a square patch grid.
+    fn prefix_tokens(&self, tokens: usize) -> Option<usize> {
+        let square =
+            |patches: usize| tokens > patches && PatchMap::new(vec![0.0; patches]).is_some();
+        let deit =
+            self.model().metadata.get(crate::metadata::ARCHITECTURE) == Some(&"deit".to_string());
+        match deit {
+            true => square(tokens.checked_sub(2)?).then_some(2),
+            false => [1, 2]
+                .into_iter()
+                .find(|&prefix| tokens > prefix && square(tokens - prefix)),
+        }
     }
 }
 
@@ -233,8 +336,30 @@ mod tests {
     #[test]
     fn last_layer_is_the_cls_row_without_cls() {
         assert_eq!(
-            cls_row(&[0.5, 0.3, 0.2, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3),
+            token_row(&[0.5, 0.3, 0.2, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3, 1, 0),
             [0.3, 0.2]
         );
+    }
+
+    #[test]
+    fn a_distillation_token_is_read_like_cls_and_skipped_as_a_patch() {
+        // 4 tokens: CLS, distillation, 2 patches.
+        let attention = [
+            0.1, 0.2, 0.3, 0.4, //
+            0.4, 0.1, 0.1, 0.4, //
+            0.0, 0.0, 1.0, 0.0, //
+            0.0, 0.0, 0.0, 1.0,
+        ];
+        assert_eq!(token_row(&attention, 4, 2, 0), [0.3, 0.4]);
+        assert_eq!(token_row(&attention, 4, 2, 1), [0.1, 0.4]);
+        // One block: the query's row of (A + I) / 2 over the patches.
+        let cls = rollout_from(&[&attention], 4, 2, 0);
+        let distillation = rollout_from(&[&attention], 4, 2, 1);
+        for (got, want) in [(cls, [0.15, 0.2]), (distillation, [0.05, 0.2])] {
+            assert!(
+                got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6),
+                "{got:?} vs {want:?}"
+            );
+        }
     }
 }

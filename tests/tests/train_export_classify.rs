@@ -20,18 +20,18 @@ fn trained_run_of(dir: &Path, preset: Preset) -> std::path::PathBuf {
     };
     write(&data, 3, 12, 20, 24, 5).unwrap();
     let run = dir.join("run");
-    let new = NewRun::new(
-        data,
-        preset,
-        Recipe {
-            epochs: 2,
-            batch_size: 4,
-            learning_rate: 5e-3,
-            ..Recipe::default()
-        },
-    );
-    training::train(new, &run, &mut ()).unwrap();
+    training::train(NewRun::new(data, preset, recipe()), &run, &mut ()).unwrap();
     run
+}
+
+/// Two quick epochs.
+fn recipe() -> Recipe {
+    Recipe {
+        epochs: 2,
+        batch_size: 4,
+        learning_rate: 5e-3,
+        ..Recipe::default()
+    }
 }
 
 /// burn's logits for one image file, through the exporter's own data path.
@@ -152,6 +152,77 @@ fn runtime_gives_burns_answer_on_an_exported_cnn_and_its_int8_copy() {
             image.display()
         );
     }
+}
+
+#[test]
+fn a_distilled_vit_averages_its_heads_in_onnx_and_explains_both_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = trained_run_of(&dir.path().join("teacher"), Preset::CnnTiny);
+    let data = dir.path().join("teacher/data");
+    let run = dir.path().join("student");
+    let new = NewRun {
+        distill_from: Some(teacher),
+        ..NewRun::new(data.clone(), Preset::Tiny, recipe())
+    };
+    training::train(new, &run, &mut ()).unwrap();
+    let onnx = dir.path().join("deit.onnx");
+    let with_attention = ExportOptions {
+        with_attention: true,
+        ..ExportOptions::default()
+    };
+    let report = export::export(&run, &onnx, &with_attention).unwrap();
+    assert_eq!(report.attention_outputs, 2);
+    let info = export::inspect(&onnx).unwrap();
+    assert_eq!(info.metadata["vit.architecture"], "deit");
+    let distillation: serde_json::Value =
+        serde_json::from_str(&info.metadata["vit.distillation"]).unwrap();
+    assert_eq!(distillation["method"], "hard");
+    assert_eq!(distillation["teacher_architecture"], "resnet");
+    // One head product for both heads, one output of logits.
+    assert_eq!(info.op_histogram.get("Gather"), Some(&1));
+    assert_eq!(info.outputs[0].0, "logits");
+
+    let model = Model::load(&onnx, &ModelOptions::default()).unwrap();
+    let mut classifier = Classifier::new(model, 3).unwrap();
+    let image = data.join("class_1/000.png");
+    let diff = max_diff(
+        &runtime_logits(&mut classifier, &image),
+        &burn_logits(&run, &image),
+    );
+    assert!(diff <= 1e-4, "logits differ by {diff}");
+
+    let options = ModelOptions {
+        attention: true,
+        ..ModelOptions::default()
+    };
+    let mut explainer =
+        runtime::explain::Explainer::new(Model::load(&onnx, &options).unwrap()).unwrap();
+    let frame = runtime::decode_file(&image).unwrap();
+    let explanation = explainer.explain(&frame.frame()).unwrap();
+    assert_eq!((explanation.tokens, explanation.prefix), (18, 2));
+    use runtime::explain::{Method, Token};
+    let cls = explanation.map_for(Method::LastLayer, Token::Cls).unwrap();
+    let distilled = explanation
+        .map_for(Method::LastLayer, Token::Distillation)
+        .unwrap();
+    assert_eq!((cls.side, distilled.side), (4, 4));
+    assert_ne!(cls.values, distilled.values, "two tokens, two rows");
+
+    // A plain ViT has no distillation token to show.
+    let plain_run = trained_run(&dir.path().join("plain"));
+    let plain = dir.path().join("plain.onnx");
+    export::export(&plain_run, &plain, &with_attention).unwrap();
+    let mut explainer =
+        runtime::explain::Explainer::new(Model::load(&plain, &options).unwrap()).unwrap();
+    let explanation = explainer.explain(&frame.frame()).unwrap();
+    assert_eq!(explanation.prefix, 1);
+    let error = explanation
+        .map_for(Method::Rollout, Token::Distillation)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("no distillation token"),
+        "{error}"
+    );
 }
 
 #[test]

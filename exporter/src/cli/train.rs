@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use exporter::Preset;
+use exporter::training::distill::Method;
 use exporter::training::{self, EpochMetrics, ModelOverrides, NewRun, Progress, Recipe};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -25,7 +26,8 @@ pub(super) struct TrainArgs {
             "heads", "mlp_dim", "widths", "blocks", "dropout", "batch_size", "lr", "min_lr", "weight_decay",
             "warmup_epochs", "grad_clip", "no_grad_clip", "label_smoothing", "seed",
             "val_fraction", "ema", "augment", "no_augment", "crop_min_area", "erase", "channels",
-            "mean", "std", "resize", "backend"]
+            "mean", "std", "resize", "backend", "distill_from", "distillation",
+            "distill_temperature", "distill_weight"]
     )]
     resume: Option<PathBuf>,
     /// Fine-tune: a new run that starts from this run's best weights, with its architecture,
@@ -37,6 +39,21 @@ pub(super) struct TrainArgs {
             "heads", "mlp_dim", "widths", "blocks", "channels", "mean", "std", "resize"]
     )]
     init_from: Option<PathBuf>,
+    /// DeiT: give the ViT a distillation token whose head learns this teacher's answers on
+    /// the same augmented batches (an ONNX classifier with the run's labels and
+    /// preprocessing, or a run folder, exported for it). The exported model averages the
+    /// two heads.
+    #[arg(long, value_name = "ONNX_OR_RUN_DIR")]
+    distill_from: Option<PathBuf>,
+    /// hard: the distillation head learns the teacher's top class (DeiT's default); soft: its
+    /// distribution at --distill-temperature, weighted by --distill-weight.
+    #[arg(long, value_enum, default_value_t = DistillationKind::Hard, requires = "distill_from")]
+    distillation: DistillationKind,
+    #[arg(long, default_value_t = 3.0, requires = "distill_from")]
+    distill_temperature: f64,
+    /// Weight of the soft distillation term against the true labels' (λ).
+    #[arg(long, default_value_t = 0.5, requires = "distill_from")]
+    distill_weight: f64,
     /// Architecture preset; the flags below override single fields.
     #[arg(long, value_enum, default_value_t = Preset::Seed)]
     preset: Preset,
@@ -132,6 +149,12 @@ pub(super) struct TrainArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(super) enum DistillationKind {
+    Hard,
+    Soft,
+}
+
 pub(super) fn run(args: TrainArgs) -> Result<()> {
     let mut progress = BarProgress::new(!args.json);
     let summary = if let Some(run_dir) = &args.resume {
@@ -173,6 +196,14 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
             crop_min_area: args.crop_min_area,
             erase: args.erase,
             init_from: args.init_from.clone(),
+            distill_from: args.distill_from.clone(),
+            distillation: match args.distillation {
+                DistillationKind::Hard => Method::Hard,
+                DistillationKind::Soft => Method::Soft {
+                    temperature: args.distill_temperature,
+                    weight: args.distill_weight,
+                },
+            },
             channels: args.channels,
             mean: args.mean.clone(),
             std: args.std.clone(),

@@ -97,6 +97,20 @@ pub fn export(
     out: &Path,
     options: &ExportOptions,
 ) -> Result<ExportReport, ExportError> {
+    let (bytes, mut report) = export_bytes(run_dir, options)?;
+    runtime::write_atomic(out, &bytes).map_err(|source| ExportError::Write {
+        path: out.display().to_string(),
+        source,
+    })?;
+    report.path = out.to_path_buf();
+    Ok(report)
+}
+
+/// The verified ONNX file of the run's best weights, in memory (the report's path is empty).
+pub fn export_bytes(
+    run_dir: &Path,
+    options: &ExportOptions,
+) -> Result<(Vec<u8>, ExportReport), ExportError> {
     let opset = options.opset;
     if !(17..=21).contains(&opset) {
         return Err(ExportError::Opset(opset));
@@ -110,7 +124,11 @@ pub fn export(
     } = load_result(run_dir, &device)?;
     let mut metadata = metadata_for(&config, best.as_ref());
     if options.with_attention {
-        metadata.push((metadata::ATTENTION.into(), ATTENTION_LAYOUT.into()));
+        let layout = match &config.distillation {
+            Some(_) => format!("{ATTENTION_LAYOUT}, token 1 the distillation token"),
+            None => ATTENTION_LAYOUT.to_string(),
+        };
+        metadata.push((metadata::ATTENTION.into(), layout));
     }
     let graph = match (&config.model, &model) {
         (ModelConfig::Vit(vit), TrainedModel::Vit(model)) => {
@@ -143,13 +161,9 @@ pub fn export(
         }
         max_abs_diff.push((batch, diff));
     }
-    runtime::write_atomic(out, &bytes).map_err(|source| ExportError::Write {
-        path: out.display().to_string(),
-        source,
-    })?;
     let graph = proto.graph.as_ref().expect("built with a graph");
-    Ok(ExportReport {
-        path: out.to_path_buf(),
+    let report = ExportReport {
+        path: PathBuf::new(),
         bytes: bytes.len(),
         opset,
         parameters: graph
@@ -162,7 +176,8 @@ pub fn export(
         op_histogram: op_histogram(graph),
         max_abs_diff,
         attention_outputs: graph.output.len() - 1,
-    })
+    };
+    Ok((bytes, report))
 }
 
 /// The value of the `vit.attention` metadata key: what the attention outputs hold.
@@ -195,6 +210,12 @@ fn metadata_for(config: &TrainingConfig, best: Option<&BestCheckpoint>) -> Vec<(
             format!("exporter {}", env!("CARGO_PKG_VERSION")),
         ),
     ];
+    if let Some(distillation) = &config.distillation {
+        let mut description = serde_json::to_value(distillation).expect("serialises");
+        description["inference"] = "the mean of the class and distillation heads' logits".into();
+        description["label_smoothing"] = config.label_smoothing.into();
+        entries.push((metadata::DISTILLATION, description.to_string()));
+    }
     if let Some(best) = best
         && let Some(accuracy) = best.val_accuracy
     {

@@ -26,7 +26,6 @@ pub(super) fn build_graph(
     let merge_heads = g.ints("const.merge_shape", &[3], vec![0, 0, d as i64]);
     let qkv_split = g.ints("const.qkv_split", &[3], vec![d as i64; 3]);
     let cls_tail = g.ints("const.cls_tail_shape", &[2], vec![1, d as i64]);
-    let cls_index = g.ints("const.cls_index", &[], vec![0]);
     let scale = g.weight(
         "const.attention_scale",
         &[],
@@ -98,12 +97,15 @@ pub(super) fn build_graph(
     );
     let cls = g.weight("cls_token", &[1, 1, d], values(model.cls_token.val()));
     let cls = g.node("Expand", "cls_token.expand", &[&cls, &cls_shape], vec![]);
-    let tokens = g.node(
-        "Concat",
-        "tokens",
-        &[&cls, &patches],
-        vec![("axis", Attr::Int(1))],
-    );
+    let mut tokens = vec![cls];
+    if let Some(token) = &model.distillation_token {
+        let token = g.weight("distillation_token", &[1, 1, d], values(token.val()));
+        let name = "distillation_token.expand";
+        tokens.push(g.node("Expand", name, &[&token, &cls_shape], vec![]));
+    }
+    tokens.push(patches);
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let tokens = g.node("Concat", "tokens", &tokens, vec![("axis", Attr::Int(1))]);
     let position = g.weight(
         "position_embedding",
         &[1, v.tokens(), d],
@@ -258,24 +260,49 @@ pub(super) fn build_graph(
         x = g.node("Add", &format!("{b}.mlp.residual"), &[&x, &out], vec![]);
     }
 
-    let cls = g.node(
-        "Gather",
-        "cls",
-        &[&x, &cls_index],
-        vec![("axis", Attr::Int(1))],
-    );
-    let normed = layer_norm(&mut g, "norm", &cls, &model.norm, d);
-    let head_w = g.weight(
-        "head.weight",
-        &[d, v.num_classes],
-        values(model.head.weight.val()),
-    );
-    let head_b = g.weight(
-        "head.bias",
-        &[v.num_classes],
-        bias_of(&model.head, v.num_classes),
-    );
-    let projected = g.node("MatMul", "head.matmul", &[&normed, &head_w], vec![]);
+    let classes = v.num_classes;
+    let (head_input, head_w, head_b) = match &model.distillation_head {
+        None => {
+            let cls_index = g.ints("const.cls_index", &[], vec![0]);
+            let cls = g.node(
+                "Gather",
+                "cls",
+                &[&x, &cls_index],
+                vec![("axis", Attr::Int(1))],
+            );
+            let normed = layer_norm(&mut g, "norm", &cls, &model.norm, d);
+            let weights = values(model.head.weight.val());
+            (normed, weights, bias_of(&model.head, classes))
+        }
+        // DeiT at inference: the mean of the two heads, as one product of the two normalised
+        // tokens side by side with both heads' weights stacked and halved.
+        Some(distillation_head) => {
+            let indices = g.ints("const.cls_distillation_index", &[2], vec![0, 1]);
+            let both = g.node(
+                "Gather",
+                "cls_and_distillation",
+                &[&x, &indices],
+                vec![("axis", Attr::Int(1))],
+            );
+            let normed = layer_norm(&mut g, "norm", &both, &model.norm, d);
+            let side_by_side = g.ints("const.two_tokens_shape", &[2], vec![0, 2 * d as i64]);
+            let flat = g.node("Reshape", "norm.flatten", &[&normed, &side_by_side], vec![]);
+            let halve = |values: Vec<f32>| values.into_iter().map(|v| 0.5 * v);
+            let weights = halve(values(model.head.weight.val()))
+                .chain(halve(values(distillation_head.weight.val())))
+                .collect();
+            let bias = bias_of(&model.head, classes)
+                .iter()
+                .zip(bias_of(distillation_head, classes))
+                .map(|(a, b)| 0.5 * (a + b))
+                .collect();
+            (flat, weights, bias)
+        }
+    };
+    let heads = model.distillation_head.as_ref().map_or(1, |_| 2);
+    let head_w = g.weight("head.weight", &[heads * d, classes], head_w);
+    let head_b = g.weight("head.bias", &[classes], head_b);
+    let projected = g.node("MatMul", "head.matmul", &[&head_input, &head_w], vec![]);
     g.node("Add", "logits", &[&projected, &head_b], vec![]);
     g.output("logits", &[Dim::Symbol("batch"), Dim::Fixed(v.num_classes)]);
     let tokens = v.tokens();

@@ -14,7 +14,7 @@
 //! loop folds all parts' statistics into the running ones on its own thread, in part order.
 
 use super::dropout;
-use super::{BatchStatistics, ConfigError, ImageClassifier};
+use super::{BatchStatistics, ConfigError, ImageClassifier, TrainOutput};
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
@@ -267,10 +267,14 @@ impl ImageClassifier for ResNet {
         self.forward_with_statistics(images, &mut Vec::new())
     }
 
-    fn forward_train(&self, images: Tensor<4>) -> (Tensor<2>, Vec<BatchStatistics>) {
+    fn forward_train(&self, images: Tensor<4>) -> TrainOutput {
         let mut statistics = Vec::new();
         let logits = self.forward_with_statistics(images, &mut statistics);
-        (logits, statistics)
+        TrainOutput {
+            logits,
+            distillation: None,
+            statistics,
+        }
     }
 
     fn update_statistics(&self, parts: &[Vec<BatchStatistics>]) {
@@ -318,7 +322,7 @@ mod tests {
         let device = crate::backend::device().autodiff();
         let model = cnn(Preset::CnnTiny, 1, 3).init(&device).unwrap();
         let images = Tensor::<4>::random([2, 1, 16, 16], Distribution::Normal(0.0, 1.0), &device);
-        let (logits, _) = model.forward_train(images);
+        let logits = model.forward_train(images).logits;
         let grads = burn::optim::GradientsParams::from_grads(logits.sum().backward(), &model);
         let running: usize = model.norms().map(|n| 2 * n.norm.gamma.dims()[0]).sum();
         let trained = model.num_params() - running;
@@ -394,7 +398,7 @@ mod tests {
             Distribution::Normal(2.0, 3.0),
             &train_device,
         );
-        let (_, statistics) = model.forward_train(images.clone());
+        let statistics = model.forward_train(images.clone()).statistics;
         assert_eq!(statistics.len(), model.norms().count());
         // The stem's statistics are those of its convolution's output.
         let stem = model.stem.conv.forward(images);
@@ -431,10 +435,12 @@ mod tests {
             &train_device,
         );
         // The stem sees the same input either way, so its statistics must agree exactly.
-        let whole = vec![whole_model.forward_train(images.clone()).1];
+        let whole = vec![whole_model.forward_train(images.clone()).statistics];
         let parts = vec![
-            parts_model.forward_train(images.clone().narrow(0, 0, 3)).1,
-            parts_model.forward_train(images.narrow(0, 3, 2)).1,
+            parts_model
+                .forward_train(images.clone().narrow(0, 0, 3))
+                .statistics,
+            parts_model.forward_train(images.narrow(0, 3, 2)).statistics,
         ];
         whole_model.update_statistics(&whole);
         parts_model.update_statistics(&parts);

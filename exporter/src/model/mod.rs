@@ -37,16 +37,30 @@ pub trait ImageClassifier: Module + Clone + fmt::Debug + Send + Sync + 'static {
     /// autodiff device this is the training pass (dropout on, batch statistics).
     fn forward(&self, images: Tensor<4>) -> Tensor<2>;
 
-    /// The training pass, with the batch statistics of its normalisation layers in a fixed
-    /// order, for [`ImageClassifier::update_statistics`]. The ViT keeps none.
-    fn forward_train(&self, images: Tensor<4>) -> (Tensor<2>, Vec<BatchStatistics>) {
-        (self.forward(images), Vec::new())
+    /// The training pass: the class head's logits, the distillation head's (DeiT), and the
+    /// batch statistics of its normalisation layers for [`ImageClassifier::update_statistics`].
+    fn forward_train(&self, images: Tensor<4>) -> TrainOutput {
+        TrainOutput {
+            logits: self.forward(images),
+            distillation: None,
+            statistics: Vec::new(),
+        }
     }
 
     /// Fold one step's batch statistics (one list per part of the batch, in part order) into
     /// the running ones. Called on the training thread after each step, so the result does not
     /// depend on which thread ran which part.
     fn update_statistics(&self, _parts: &[Vec<BatchStatistics>]) {}
+}
+
+/// What a training pass gives.
+pub struct TrainOutput {
+    /// The class head's logits.
+    pub logits: Tensor<2>,
+    /// The distillation head's logits, for a ViT with a distillation token.
+    pub distillation: Option<Tensor<2>>,
+    /// Each normalisation layer's batch statistics, in a fixed order (the CNN's BatchNorms).
+    pub statistics: Vec<BatchStatistics>,
 }
 
 /// One normalisation layer's statistics over one part of a batch (detached).
@@ -105,9 +119,11 @@ impl ModelConfig {
         }
     }
 
-    /// The architecture's name, as the ONNX metadata's `vit.architecture` gives it.
+    /// The architecture's name, as the ONNX metadata's `vit.architecture` gives it: `vit`,
+    /// `deit` (a ViT with a distillation token) or `resnet`.
     pub fn architecture(&self) -> &'static str {
         match self {
+            ModelConfig::Vit(config) if config.distillation_token => "deit",
             ModelConfig::Vit(_) => "vit",
             ModelConfig::Cnn(_) => "resnet",
         }
@@ -207,6 +223,7 @@ impl Preset {
                 mlp_dim,
                 dropout,
                 num_classes,
+                distillation_token: false,
             })
         };
         let cnn = |image_size, widths: &[usize], blocks: &[usize]| {
@@ -263,12 +280,13 @@ mod tests {
             let back: ModelConfig = serde_json::from_str(&json).unwrap();
             assert_eq!(back, config, "{json}");
         }
-        // A ViT run's config.json from before the CNN existed.
-        let old = r#"{"image_size":28,"channels":1,"patch_size":4,"dim":64,"depth":6,
-            "heads":4,"mlp_dim":128,"dropout":0.1,"num_classes":10}"#;
-        let ModelConfig::Vit(vit) = serde_json::from_str(old).unwrap() else {
+        // The shipped model's run, from before the CNN and the distillation token existed.
+        let shipped: serde_json::Value =
+            serde_json::from_str(include_str!("../../../models/fashion-vit/config.json")).unwrap();
+        let ModelConfig::Vit(vit) = serde_json::from_value(shipped["model"].clone()).unwrap()
+        else {
             panic!("read as a CNN")
         };
-        assert_eq!(vit.patch_size, 4);
+        assert_eq!((vit.patch_size, vit.distillation_token), (4, false));
     }
 }

@@ -6,7 +6,7 @@
 //! (`export/graph.rs`).
 
 use super::dropout;
-use super::{ConfigError, ImageClassifier};
+use super::{ConfigError, ImageClassifier, TrainOutput};
 use burn::module::Param;
 use burn::nn::{Dropout, DropoutConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
@@ -28,6 +28,11 @@ pub struct ViTConfig {
     pub mlp_dim: usize,
     pub dropout: f64,
     pub num_classes: usize,
+    /// DeiT's distillation token: a second learned token after CLS, with its own position and
+    /// its own head, trained to predict a teacher's answer (`exporter train --distill-from`).
+    /// At inference the two heads' logits are averaged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub distillation_token: bool,
 }
 
 impl ViTConfig {
@@ -65,9 +70,14 @@ impl ViTConfig {
         self.image_size / self.patch_size
     }
 
-    /// Patches plus the CLS token.
+    /// Tokens before the patches: CLS, and the distillation token if there is one.
+    pub fn prefix_tokens(&self) -> usize {
+        1 + usize::from(self.distillation_token)
+    }
+
+    /// Patches plus the CLS token (and the distillation token).
     pub fn tokens(&self) -> usize {
-        self.patches_per_side().pow(2) + 1
+        self.patches_per_side().pow(2) + self.prefix_tokens()
     }
 
     pub fn head_dim(&self) -> usize {
@@ -81,7 +91,8 @@ impl ViTConfig {
         let patches = self.patches_per_side().pow(2) as u64;
         let patch_input = (self.patch_size.pow(2) * self.channels) as u64;
         let block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m;
-        patches * patch_input * d + self.depth as u64 * block + d * self.num_classes as u64
+        let heads = self.prefix_tokens() as u64;
+        patches * patch_input * d + self.depth as u64 * block + heads * d * self.num_classes as u64
     }
 
     pub fn init(&self, device: &Device) -> Result<VisionTransformer, ConfigError> {
@@ -105,6 +116,10 @@ impl ViTConfig {
                 .collect(),
             norm: layer_norm(self.dim, device),
             head: LinearConfig::new(self.dim, self.num_classes).init(device),
+            distillation_token: self.distillation_token.then(|| embedding([1, 1, self.dim])),
+            distillation_head: self
+                .distillation_token
+                .then(|| LinearConfig::new(self.dim, self.num_classes).init(device)),
             patch_size: self.patch_size,
         })
     }
@@ -124,35 +139,64 @@ pub struct VisionTransformer {
     pub blocks: Vec<EncoderBlock>,
     pub norm: LayerNorm,
     pub head: Linear,
+    /// DeiT's distillation token and its head ([`ViTConfig::distillation_token`]); absent in
+    /// a plain ViT, whose checkpoints hold neither.
+    pub distillation_token: Option<Param<Tensor<3>>>,
+    pub distillation_head: Option<Linear>,
     pub patch_size: usize,
 }
 
 impl VisionTransformer {
-    /// `[batch, channels, height, width]` normalised pixels → `[batch, classes]` logits.
+    /// `[batch, channels, height, width]` normalised pixels → `[batch, classes]` logits; with
+    /// a distillation token, the mean of the two heads' (what the export computes).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let tokens = self.embed(images);
-        let [batch, _, dim] = tokens.dims();
         let tokens = self.blocks.iter().fold(tokens, |x, block| block.forward(x));
-        let cls = tokens.narrow(1, 0, 1).reshape([batch, dim]);
-        self.head.forward(self.norm.forward(cls))
+        self.mean_of_heads(self.heads(tokens))
+    }
+
+    /// The class head's logits, and the distillation head's if the model has that token.
+    pub fn forward_heads(&self, images: Tensor<4>) -> (Tensor<2>, Option<Tensor<2>>) {
+        let tokens = self.embed(images);
+        self.heads(self.blocks.iter().fold(tokens, |x, block| block.forward(x)))
+    }
+
+    fn heads(&self, tokens: Tensor<3>) -> (Tensor<2>, Option<Tensor<2>>) {
+        let [batch, _, dim] = tokens.dims();
+        let token = |index: usize| {
+            self.norm
+                .forward(tokens.clone().narrow(1, index, 1).reshape([batch, dim]))
+        };
+        let class = self.head.forward(token(0));
+        let distillation = self
+            .distillation_head
+            .as_ref()
+            .map(|head| head.forward(token(1)));
+        (class, distillation)
+    }
+
+    fn mean_of_heads(&self, (class, distillation): (Tensor<2>, Option<Tensor<2>>)) -> Tensor<2> {
+        match distillation {
+            Some(distillation) => (class + distillation).mul_scalar(0.5),
+            None => class,
+        }
     }
 
     /// Logits, and each block's attention weights averaged over heads (`[batch, tokens,
     /// tokens]`, rows summing to 1): what `exporter export --with-attention` adds as outputs.
     pub fn forward_with_attention(&self, images: Tensor<4>) -> (Tensor<2>, Vec<Tensor<3>>) {
         let mut x = self.embed(images);
-        let [batch, _, dim] = x.dims();
         let mut maps = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let (next, weights) = block.forward_with_attention(x);
             maps.push(weights.mean_dim(1).squeeze_dim(1));
             x = next;
         }
-        let cls = x.narrow(1, 0, 1).reshape([batch, dim]);
-        (self.head.forward(self.norm.forward(cls)), maps)
+        (self.mean_of_heads(self.heads(x)), maps)
     }
 
-    /// Patchify, project, prepend CLS, add position: `[batch, tokens, dim]`.
+    /// Patchify, project, prepend CLS (and the distillation token), add position:
+    /// `[batch, tokens, dim]`.
     fn embed(&self, images: Tensor<4>) -> Tensor<3> {
         let [batch, channels, height, width] = images.dims();
         let p = self.patch_size;
@@ -165,13 +209,26 @@ impl VisionTransformer {
         let patches = self.patch_embedding.forward(patches);
         let dim = patches.dims()[2];
         let cls = self.cls_token.val().expand([batch, 1, dim]);
-        Tensor::cat(vec![cls, patches], 1) + self.position_embedding.val()
+        let tokens = match &self.distillation_token {
+            Some(token) => vec![cls, token.val().expand([batch, 1, dim]), patches],
+            None => vec![cls, patches],
+        };
+        Tensor::cat(tokens, 1) + self.position_embedding.val()
     }
 }
 
 impl ImageClassifier for VisionTransformer {
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         VisionTransformer::forward(self, images)
+    }
+
+    fn forward_train(&self, images: Tensor<4>) -> TrainOutput {
+        let (logits, distillation) = self.forward_heads(images);
+        TrainOutput {
+            logits,
+            distillation,
+            statistics: Vec::new(),
+        }
     }
 }
 
@@ -312,6 +369,36 @@ mod tests {
             ModelConfig::Vit(config) => config,
             other => panic!("{preset} is not a ViT: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_distillation_token_adds_a_token_and_a_head_averaged_at_inference() {
+        let device = crate::backend::device();
+        let plain = vit(Preset::Tiny, 1, 3);
+        let deit = ViTConfig {
+            distillation_token: true,
+            ..plain.clone()
+        };
+        assert_eq!(deit.tokens(), plain.tokens() + 1);
+        let (plain_model, model) = (plain.init(&device).unwrap(), deit.init(&device).unwrap());
+        let (d, classes) = (plain.dim, plain.num_classes);
+        // The token, its position row and its head.
+        assert_eq!(
+            model.num_params() - plain_model.num_params(),
+            d + d + (d * classes + classes)
+        );
+        let images = Tensor::<4>::random([2, 1, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+        let (class, distillation) = model.forward_heads(images.clone());
+        let mean = (class + distillation.expect("a second head")).mul_scalar(0.5);
+        model
+            .forward(images.clone())
+            .to_data()
+            .assert_approx_eq::<f32>(&mean.to_data(), Default::default());
+        let (logits, maps) = model.forward_with_attention(images);
+        logits
+            .to_data()
+            .assert_approx_eq::<f32>(&mean.to_data(), Default::default());
+        assert_eq!(maps[0].dims(), [2, deit.tokens(), deit.tokens()]);
     }
 
     #[test]

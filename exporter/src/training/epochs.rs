@@ -2,6 +2,7 @@
 //! validation, and what each epoch commits to the run folder.
 
 use super::checkpoints::Session;
+use super::distill::{self, Method, Teacher};
 use super::ema::WeightAverage;
 use super::run_folder::{self, CURVES_FILE, EpochFile, EpochSave, RunState};
 use super::{
@@ -42,8 +43,10 @@ pub(super) fn run<M: ImageClassifier>(
     session: Session<M>,
     (train_set, val_set): (ImageSet, ImageSet),
     stop_after: Option<usize>,
+    mut teacher: Option<Teacher>,
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
+    let method = config.distillation.as_ref().map(|d| d.method);
     let skipped = train_set.skipped.len() + val_set.skipped.len();
     let Session {
         device,
@@ -92,11 +95,21 @@ pub(super) fn run<M: ImageClassifier>(
         progress.epoch_started(epoch + 1, config.epochs, steps_per_epoch);
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        let mut teacher_seconds = 0.0;
         let mut lr = config.learning_rate;
         for indices in order.chunks(config.batch_size) {
             let (images, labels) =
                 batcher.batch(&train_source, indices, &mut rng, &train_device)?;
             lr = learning_rate(config, step, total_steps, steps_per_epoch);
+            let teacher_logits = match &mut teacher {
+                Some(teacher) => {
+                    let started = Instant::now();
+                    let logits = teacher.logits(&images)?;
+                    teacher_seconds += started.elapsed().as_secs_f64();
+                    Some(logits)
+                }
+                None => None,
+            };
             let dropout_seed = epoch_seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let BatchOutcome {
                 loss: loss_value,
@@ -110,6 +123,7 @@ pub(super) fn run<M: ImageClassifier>(
                 labels,
                 rayon::current_num_threads(),
                 dropout_seed,
+                teacher_logits.as_ref().zip(method),
             );
             if !loss_value.is_finite() {
                 return Err(TrainError::Invalid(format!(
@@ -159,6 +173,7 @@ pub(super) fn run<M: ImageClassifier>(
             epoch_seconds,
             ema_val_loss: average_evaluation.as_ref().map(|e| e.loss),
             ema_val_accuracy: average_evaluation.as_ref().map(|e| e.accuracy),
+            teacher_seconds: teacher.is_some().then_some(teacher_seconds),
         };
         metrics.push(epoch_metrics.clone());
         let selected = average_evaluation.as_ref().or(evaluation.as_ref());
@@ -288,6 +303,9 @@ struct BatchOutcome {
 /// graph) and scales its loss by its share of the batch, so the summed gradients are exactly
 /// the whole batch's. Part `i` seeds its dropout with `dropout_seed + i`, so a resumed epoch
 /// drops the same values whichever thread runs which part.
+///
+/// With `teacher` (its logits for these images, and how to learn from them), the loss is
+/// DeiT's ([`distill`]) and the predictions counted are the two heads' mean.
 fn batch_gradients<M: ImageClassifier>(
     model: &M,
     loss_fn: &CrossEntropyLoss,
@@ -295,6 +313,7 @@ fn batch_gradients<M: ImageClassifier>(
     labels: Tensor<1, Int>,
     parts: usize,
     dropout_seed: u64,
+    teacher: Option<(&Tensor<2>, Method)>,
 ) -> BatchOutcome {
     let size = labels.dims()[0];
     let part_len = size.div_ceil(parts.clamp(1, size));
@@ -303,9 +322,18 @@ fn batch_gradients<M: ImageClassifier>(
         let (start, len) = (index * part_len, part_len.min(size - index * part_len));
         let replica = model.clone().fork(&images.device());
         let labels = labels.clone().narrow(0, start, len);
-        let (logits, statistics) = replica.forward_train(images.clone().narrow(0, start, len));
-        let loss = loss_fn.forward(logits.clone(), labels.clone());
-        let correct = count_correct(logits.detach(), labels);
+        let output = replica.forward_train(images.clone().narrow(0, start, len));
+        let mut loss = loss_fn.forward(output.logits.clone(), labels.clone());
+        let mut predicted = output.logits;
+        if let (Some((teacher, method)), Some(distillation)) = (teacher, output.distillation) {
+            let (label_weight, teacher_weight) = distill::weights(method);
+            let teacher = teacher.clone().narrow(0, start, len);
+            let distilled = distill::distillation_loss(method, distillation.clone(), teacher);
+            loss = loss.mul_scalar(label_weight) + distilled.mul_scalar(teacher_weight);
+            predicted = (predicted + distillation).mul_scalar(0.5);
+        }
+        let correct = count_correct(predicted.detach(), labels);
+        let statistics = output.statistics;
         let share = len as f64 / size as f64;
         let loss_value = loss.clone().into_scalar::<f32>() as f64 * share;
         let grads = GradientsParams::from_grads(loss.mul_scalar(share).backward(), &replica);
@@ -445,8 +473,15 @@ mod tests {
         );
 
         for parts in [2, 3] {
-            let summed =
-                batch_gradients(&model, &loss_fn, images.clone(), labels.clone(), parts, 1);
+            let summed = batch_gradients(
+                &model,
+                &loss_fn,
+                images.clone(),
+                labels.clone(),
+                parts,
+                1,
+                None,
+            );
             assert!(
                 (summed.loss - whole_loss_value).abs() < 1e-5,
                 "{parts} parts"

@@ -13,6 +13,7 @@
 //!   figures; written last, so an interrupted run resumes from its last complete epoch and
 //!   readers never pair one epoch's weights with another's figures ([`crate::run_folder`]).
 
+pub mod distill;
 pub mod ema;
 pub mod eval;
 pub mod plots;
@@ -27,6 +28,7 @@ pub use epochs::learning_rate;
 pub use eval::{Evaluation, evaluate};
 pub use start::{resume, train};
 
+use self::distill::{Distillation, Method};
 use crate::data::{Augmentation, DataError};
 use crate::model::{ConfigError, ModelConfig, Preset};
 use runtime::PreprocessConfig;
@@ -82,6 +84,9 @@ pub struct TrainingConfig {
     /// Decay of the exponential moving average of the weights, updated every step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
+    /// DeiT distillation from a teacher (the model has a distillation token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<Distillation>,
 }
 
 /// The recipe, separate from the model and data it is applied to.
@@ -138,6 +143,10 @@ pub struct NewRun {
     /// Fine-tune: start from this run's best weights, with its architecture, preprocessing and
     /// classes (which the data must match), instead of from `preset`.
     pub init_from: Option<PathBuf>,
+    /// Distil from this teacher (an ONNX file, or a run folder, exported for the purpose): the
+    /// ViT gets DeiT's distillation token.
+    pub distill_from: Option<PathBuf>,
+    pub distillation: Method,
     pub channels: Option<usize>,
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
@@ -162,6 +171,8 @@ impl NewRun {
             crop_min_area: None,
             erase: None,
             init_from: None,
+            distill_from: None,
+            distillation: Method::Hard,
             channels: None,
             mean: None,
             std: None,
@@ -259,6 +270,9 @@ pub struct EpochMetrics {
     pub ema_val_loss: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_val_accuracy: Option<f64>,
+    /// Time the teacher took in this epoch (included in `epoch_seconds`), when distilling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_seconds: Option<f64>,
 }
 
 pub use crate::run_folder::read_metrics;

@@ -396,6 +396,7 @@ mod tests {
                 epoch_seconds: 1.0,
                 ema_val_loss: None,
                 ema_val_accuracy: None,
+                teacher_seconds: None,
             })
             .collect()
     }

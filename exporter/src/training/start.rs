@@ -3,6 +3,7 @@
 
 use super::EpochMetrics;
 use super::checkpoints::restore;
+use super::distill::{self, Distillation, Method, TEACHER_FILE, Teacher};
 use super::epochs::run;
 use super::run_folder::RunState;
 use super::run_folder::{self, CONFIG_FILE, read_json, write_json};
@@ -53,6 +54,44 @@ pub fn train(
             (Some(new.preset), model, preprocess, None)
         }
     };
+    let mut model = model;
+    let teacher = match &new.distill_from {
+        Some(source) => {
+            let ModelConfig::Vit(vit) = &mut model else {
+                return Err(TrainError::Invalid(
+                    "distillation trains a ViT's distillation token; a CNN has none".into(),
+                ));
+            };
+            if init_from.is_some() && !vit.distillation_token {
+                return Err(TrainError::Invalid(
+                    "--distill-from with --init-from needs a source run that was distilled too \
+                     (its model has the distillation token)"
+                        .into(),
+                ));
+            }
+            vit.distillation_token = true;
+            Some(load_teacher(
+                source,
+                &preprocess,
+                &splits.classes,
+                progress,
+            )?)
+        }
+        None if matches!(&model, ModelConfig::Vit(vit) if vit.distillation_token) => {
+            return Err(TrainError::Invalid(
+                "the source run was distilled: fine-tuning it needs a teacher (--distill-from)"
+                    .into(),
+            ));
+        }
+        None => None,
+    };
+    let distillation = teacher.as_ref().map(|teacher| Distillation {
+        method: new.distillation,
+        teacher: new.distill_from.clone().expect("a teacher has a source"),
+        teacher_fingerprint: distill::fingerprint(teacher.bytes()),
+        teacher_architecture: teacher.architecture.clone(),
+        teacher_preset: teacher.preset.clone(),
+    });
     let channels = model.channels();
     let recipe = new.recipe;
     let config = TrainingConfig {
@@ -84,6 +123,7 @@ pub fn train(
         backend: new.backend,
         init_from,
         ema: recipe.ema,
+        distillation,
     };
     validate_recipe(&config)?;
     let start = Start {
@@ -92,11 +132,35 @@ pub fn train(
         metrics: Vec::new(),
         sets: (train_set, val_set),
         stop_after: new.stop_after,
+        teacher,
     };
-    restore_and_run(&config, start, progress, |config, _| {
+    restore_and_run(&config, start, progress, |config, _, teacher| {
         run_folder::create(run_dir)?;
+        if let Some(teacher) = teacher {
+            let path = run_dir.join(TEACHER_FILE);
+            runtime::write_atomic(&path, teacher.bytes()).map_err(|e| TrainError::run(&path, e))?;
+        }
         write_json(&run_dir.join(CONFIG_FILE), config)
     })
+}
+
+/// The teacher at `source`: an ONNX file, or a run folder, whose best weights are exported
+/// (and verified) for the purpose.
+fn load_teacher(
+    source: &Path,
+    preprocess: &PreprocessConfig,
+    classes: &[String],
+    progress: &mut dyn Progress,
+) -> Result<Teacher, TrainError> {
+    let bytes = if source.is_dir() {
+        progress.message(&format!("exporting the teacher run {}", source.display()));
+        crate::export::export_bytes(source, &Default::default())
+            .map_err(|e| TrainError::run(source, e))?
+            .0
+    } else {
+        std::fs::read(source).map_err(|e| TrainError::run(source, e))?
+    };
+    Teacher::new(bytes, source, preprocess, classes)
 }
 
 /// Where a call of [`train`] or [`resume`] starts from.
@@ -106,6 +170,7 @@ struct Start<'a> {
     metrics: Vec<EpochMetrics>,
     sets: (ImageSet, ImageSet),
     stop_after: Option<usize>,
+    teacher: Option<Teacher>,
 }
 
 /// Restore the session of the run's architecture, call `prepare` (which may write to the run
@@ -114,14 +179,14 @@ fn restore_and_run(
     config: &TrainingConfig,
     start: Start,
     progress: &mut dyn Progress,
-    prepare: impl FnOnce(&TrainingConfig, &Restored) -> Result<(), TrainError>,
+    prepare: impl FnOnce(&TrainingConfig, &Restored, Option<&Teacher>) -> Result<(), TrainError>,
 ) -> Result<TrainSummary, TrainError> {
     fn with<M: ImageClassifier>(
         config: &TrainingConfig,
         init: impl Fn(&burn::prelude::Device) -> Result<M, crate::model::ConfigError>,
         start: Start,
         progress: &mut dyn Progress,
-        prepare: impl FnOnce(&TrainingConfig, &Restored) -> Result<(), TrainError>,
+        prepare: impl FnOnce(&TrainingConfig, &Restored, Option<&Teacher>) -> Result<(), TrainError>,
     ) -> Result<TrainSummary, TrainError> {
         let session = restore(
             config,
@@ -137,6 +202,7 @@ fn restore_and_run(
                 state: session.state.as_ref(),
                 metrics: &session.metrics,
             },
+            start.teacher.as_ref(),
         )?;
         run(
             config,
@@ -144,6 +210,7 @@ fn restore_and_run(
             session,
             start.sets,
             start.stop_after,
+            start.teacher,
             progress,
         )
     }
@@ -237,14 +304,34 @@ pub fn resume(
         }
         .into());
     }
+    let teacher = match &config.distillation {
+        Some(distillation) => {
+            let path = run_dir.join(TEACHER_FILE);
+            let bytes = std::fs::read(&path).map_err(|e| TrainError::run(&path, e))?;
+            if distill::fingerprint(&bytes) != distillation.teacher_fingerprint {
+                return Err(TrainError::run(
+                    &path,
+                    "is not the teacher the run started with (config.json has its fingerprint)",
+                ));
+            }
+            Some(Teacher::new(
+                bytes,
+                &path,
+                &config.preprocess,
+                &config.classes,
+            )?)
+        }
+        None => None,
+    };
     let start = Start {
         run_dir,
         state,
         metrics,
         sets: load_sets(&splits, progress)?,
         stop_after,
+        teacher,
     };
-    restore_and_run(&config, start, progress, |config, session| {
+    restore_and_run(&config, start, progress, |config, session, _| {
         if *config != saved {
             write_json(&run_dir.join(CONFIG_FILE), config)?;
         }
@@ -291,6 +378,21 @@ fn validate_recipe(config: &TrainingConfig) -> Result<(), TrainError> {
     }
     if config.ema.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
         return invalid("the weight average's decay must be in (0, 1)");
+    }
+    if let Some(Distillation {
+        method: Method::Soft {
+            temperature,
+            weight,
+        },
+        ..
+    }) = &config.distillation
+    {
+        if !(*temperature > 0.0 && temperature.is_finite()) {
+            return invalid("the distillation temperature must be positive");
+        }
+        if !(0.0..=1.0).contains(weight) {
+            return invalid("the distillation weight must be in [0, 1]");
+        }
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use super::{Loaded, ModelArgs};
 use anyhow::{Context, Result};
-use runtime::explain::{Explainer, Method};
+use runtime::explain::{Explainer, Method, Token};
 use serde_json::json;
 use std::path::Path;
 
@@ -10,6 +10,7 @@ pub(super) fn run(
     image_path: &Path,
     args: &ModelArgs,
     method: Method,
+    token: Token,
     out: &Path,
     grid: Option<&Path>,
     json: bool,
@@ -24,12 +25,12 @@ pub(super) fn run(
     let caption = format!("{label} {:.0}%", best.probability * 100.0);
     let resize = explainer.model().preprocess.resize;
     let region = runtime::Region::for_mode(resize, image.width, image.height);
-    let map = explanation.map(method);
+    let map = explanation.map_for(method, token)?;
     let overlay = runtime::overlay::render(&image, region, &map, Some(&caption));
     write_png(out, &overlay)?;
     if let Some(grid) = grid {
         let pictures: Vec<_> = explanation
-            .layer_maps()
+            .layer_maps_for(token)?
             .iter()
             .enumerate()
             .map(|(i, layer)| {
@@ -43,7 +44,7 @@ pub(super) fn run(
         println!(
             "{}",
             json!({
-                "image": image_path, "model": source, "method": method.name(),
+                "image": image_path, "model": source, "method": method.name(), "token": token.name(),
                 "top": {"label": label, "class": best.class, "probability": best.probability},
                 "overlay": out, "grid": grid, "layers": explanation.layers.len(),
                 "map": {"side": map.side, "values": map.values},

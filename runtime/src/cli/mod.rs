@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use runtime::explain::Method;
+use runtime::explain::{Method, Token};
 use runtime::{KeepPolicy, Model, ModelOptions, Precision, ResizeMode, StreamConfig, StreamFormat};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -142,10 +142,14 @@ enum Command {
         /// rollout or last-layer.
         #[arg(long, default_value = "rollout")]
         method: Method,
+        /// Whose attention: cls, or distillation (a DeiT's distillation token, which learnt a
+        /// teacher's answers).
+        #[arg(long, default_value = "cls")]
+        token: Token,
         /// The overlay PNG (the input's size).
         #[arg(short, long)]
         out: PathBuf,
-        /// Also save every block's CLS attention, side by side, as one PNG.
+        /// Also save every block's attention of the token, side by side, as one PNG.
         #[arg(long, value_name = "PNG")]
         grid: Option<PathBuf>,
         #[arg(long)]
@@ -356,10 +360,11 @@ pub(crate) fn run(cli: Cli) -> Result<bool> {
             image,
             model,
             method,
+            token,
             out,
             grid,
             json,
-        } => explain::run(&image, &model, method, &out, grid.as_deref(), json).map(|_| true),
+        } => explain::run(&image, &model, method, token, &out, grid.as_deref(), json).map(|_| true),
         Command::Bench {
             model,
             image,

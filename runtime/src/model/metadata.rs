@@ -22,8 +22,12 @@ pub const RESIZE: &str = "vit.resize";
 pub const PRESET: &str = "vit.preset";
 /// JSON of the architecture (image size, patch, dim, depth, heads, MLP, dropout, classes).
 pub const MODEL_CONFIG: &str = "vit.model_config";
-/// The architecture: `vit` or `resnet` (absent in files from before the CNN: `vit`).
+/// The architecture: `vit`, `deit` (a ViT with a distillation token) or `resnet` (absent in
+/// files from before the CNN: `vit`).
 pub const ARCHITECTURE: &str = "vit.architecture";
+/// How a DeiT was distilled: JSON of the method, the teacher, and how inference combines the
+/// two heads.
+pub const DISTILLATION: &str = "vit.distillation";
 /// Tool and version that wrote the file.
 pub const PRODUCER: &str = "vit.producer";
 /// Validation accuracy (0–1) of the exported checkpoint, and its epoch.
