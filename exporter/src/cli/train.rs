@@ -26,7 +26,7 @@ pub(super) struct TrainArgs {
             "heads", "mlp_dim", "widths", "blocks", "dropout", "batch_size", "lr", "min_lr", "weight_decay",
             "warmup_epochs", "grad_clip", "no_grad_clip", "label_smoothing", "seed",
             "val_fraction", "ema", "augment", "no_augment", "crop_min_area", "erase", "channels",
-            "mean", "std", "resize", "backend", "distill_from", "distillation",
+            "mean", "std", "resize", "backend", "train_fraction", "distill_from", "distillation",
             "distill_temperature", "distill_weight"]
     )]
     resume: Option<PathBuf>,
@@ -108,6 +108,10 @@ pub(super) struct TrainArgs {
     /// validation, and the last epoch's weights are the run's result.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
+    /// Train on this fraction of each class's training images only (validation is the
+    /// same): how much data a model needs, measured.
+    #[arg(long)]
+    train_fraction: Option<f64>,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.999),
     /// updated every step; the best epoch is then chosen, and saved, by the average.
     #[arg(long, value_name = "DECAY")]
@@ -186,6 +190,7 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
                 label_smoothing: args.label_smoothing,
                 seed: args.seed,
                 val_fraction: args.val_fraction,
+                train_fraction: args.train_fraction,
                 ema: args.ema,
             },
             augment: match (args.augment, args.no_augment) {

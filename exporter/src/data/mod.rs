@@ -94,6 +94,26 @@ impl Splits {
             val,
         })
     }
+
+    /// Keep `fraction` of each class's training images (at least one), chosen by `seed`;
+    /// validation is untouched, so runs on less data are scored on the same images.
+    pub fn keep_training_fraction(mut self, fraction: f64, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x7261_696e_6672_6163);
+        let mut keep = vec![false; self.train.len()];
+        for label in 0..self.classes.len() {
+            let mut indices: Vec<usize> = (0..self.train.len())
+                .filter(|&i| self.train[i].label == label)
+                .collect();
+            indices.shuffle(&mut rng);
+            let n = ((indices.len() as f64 * fraction).round() as usize).max(1);
+            for &i in indices.iter().take(n) {
+                keep[i] = true;
+            }
+        }
+        let mut kept = keep.into_iter();
+        self.train.retain(|_| kept.next().unwrap_or(false));
+        self
+    }
 }
 
 /// Decoded images of one split.
@@ -382,6 +402,31 @@ pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_training_fraction_keeps_that_share_of_each_class_and_all_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::synthetic::write_dataset(dir.path(), 3, 20, 8, 8, 1).unwrap();
+        let full = Splits::from_folder(dir.path(), 0.25, 7).unwrap();
+        let kept = full.clone().keep_training_fraction(0.3, 7);
+        assert_eq!(kept.val, full.val);
+        for label in 0..3 {
+            let count = |items: &[Item]| items.iter().filter(|i| i.label == label).count();
+            assert_eq!(
+                (count(&full.train), count(&kept.train)),
+                (15, 5),
+                "class {label}"
+            );
+        }
+        assert!(kept.train.iter().all(|item| full.train.contains(item)));
+        let again = full.clone().keep_training_fraction(0.3, 7);
+        assert_eq!(
+            again.train, kept.train,
+            "the same seed keeps the same images"
+        );
+        let tiny = full.keep_training_fraction(0.01, 7);
+        assert_eq!(tiny.train.len(), 3, "at least one image per class");
+    }
 
     fn erased(augmentation: Augmentation, seed: u64) -> Vec<f32> {
         let mut pixels = vec![1.0; 2 * 28 * 28];

@@ -76,6 +76,9 @@ pub struct TrainingConfig {
     pub label_smoothing: Option<f32>,
     pub seed: u64,
     pub val_fraction: f64,
+    /// Fraction of each class's training images kept (validation keeps all of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_fraction: Option<f64>,
     pub augmentation: Option<Augmentation>,
     pub backend: String,
     /// Weights the run started from (another run's best), instead of a random initialisation.
@@ -102,6 +105,8 @@ pub struct Recipe {
     pub label_smoothing: Option<f32>,
     pub seed: u64,
     pub val_fraction: f64,
+    /// Train on this fraction of each class's training images only (the rest unused).
+    pub train_fraction: Option<f64>,
     /// Keep an exponential moving average of the weights with this decay, and choose (and
     /// save) the best epoch by the average's validation accuracy.
     pub ema: Option<f64>,
@@ -121,6 +126,7 @@ impl Default for Recipe {
             label_smoothing: None,
             seed: 42,
             val_fraction: 0.2,
+            train_fraction: None,
             ema: None,
         }
     }

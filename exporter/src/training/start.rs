@@ -26,7 +26,12 @@ pub fn train(
             "already holds a run; use --resume to continue it",
         ));
     }
-    let splits = Splits::from_folder(&new.data, new.recipe.val_fraction, new.recipe.seed)?;
+    let splits = splits(
+        &new.data,
+        new.recipe.val_fraction,
+        new.recipe.train_fraction,
+        new.recipe.seed,
+    )?;
     progress.message(&format!(
         "{} classes, {} training and {} validation images",
         splits.classes.len(),
@@ -110,6 +115,7 @@ pub fn train(
         label_smoothing: recipe.label_smoothing,
         seed: recipe.seed,
         val_fraction: recipe.val_fraction,
+        train_fraction: recipe.train_fraction,
         augmentation: {
             let augmentation = Augmentation {
                 min_area: new
@@ -296,7 +302,12 @@ pub fn resume(
         )));
     }
     let (metrics, stale_metrics) = run_folder::committed_metrics(run_dir, done)?;
-    let splits = Splits::from_folder(&config.data, config.val_fraction, config.seed)?;
+    let splits = splits(
+        &config.data,
+        config.val_fraction,
+        config.train_fraction,
+        config.seed,
+    )?;
     if splits.classes != config.classes {
         return Err(DataError::ClassMismatch {
             train: splits.classes,
@@ -341,6 +352,25 @@ pub fn resume(
         }
         run_folder::tidy(run_dir, session.state);
         Ok(())
+    })
+}
+
+/// The data's split, with `train_fraction` of each class's training images when given.
+fn splits(
+    data: &Path,
+    val_fraction: f64,
+    train_fraction: Option<f64>,
+    seed: u64,
+) -> Result<Splits, TrainError> {
+    if train_fraction.is_some_and(|f| !(f > 0.0 && f <= 1.0)) {
+        return Err(TrainError::Invalid(
+            "the training fraction must be in (0, 1]".into(),
+        ));
+    }
+    let splits = Splits::from_folder(data, val_fraction, seed)?;
+    Ok(match train_fraction {
+        Some(fraction) => splits.keep_training_fraction(fraction, seed),
+        None => splits,
     })
 }
 
