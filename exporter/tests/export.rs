@@ -249,3 +249,36 @@ fn a_cnn_exports_with_its_batch_norms_folded_and_matches_burn() {
     let error = export::export(&run, &dir.path().join("a.onnx"), &attention).unwrap_err();
     assert!(matches!(error, ExportError::NoAttention(_)), "{error}");
 }
+
+#[test]
+fn a_swin_exports_its_windows_shift_and_bias_as_standard_ops_and_matches_burn() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run_of(dir.path(), Preset::SwinTiny);
+    let out = dir.path().join("swin.onnx");
+    for opset in [17, 20] {
+        let options = ExportOptions {
+            opset,
+            ..ExportOptions::default()
+        };
+        let report = export::export(&run, &out, &options).unwrap();
+        assert!(
+            report.max_abs_diff.iter().all(|(_, d)| *d <= 1e-4),
+            "opset {opset}: {:?}",
+            report.max_abs_diff
+        );
+    }
+    let info = export::inspect(&out).unwrap();
+    let ops = &info.op_histogram;
+    // 4 blocks; the first stage's second block is the one shifted (a Slice pair per axis,
+    // there and back), the last stage is one window.
+    assert_eq!(ops.get("Softmax"), Some(&4));
+    assert_eq!(ops.get("Slice"), Some(&8));
+    assert_eq!(ops.get("Gelu"), Some(&4));
+    assert_eq!(info.metadata["vit.architecture"], "swin");
+    let attention = ExportOptions {
+        with_attention: true,
+        ..ExportOptions::default()
+    };
+    let error = export::export(&run, &dir.path().join("a.onnx"), &attention).unwrap_err();
+    assert!(matches!(error, ExportError::NoAttention(_)), "{error}");
+}

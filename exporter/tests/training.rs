@@ -245,7 +245,9 @@ fn a_cnn_learns_resumes_exactly_and_keeps_its_running_statistics() {
     )
     .unwrap_err();
     assert!(
-        refused.to_string().contains("--dim is a ViT setting"),
+        refused
+            .to_string()
+            .contains("--dim does not apply to a CNN"),
         "{refused}"
     );
 }

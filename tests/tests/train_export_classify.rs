@@ -226,6 +226,38 @@ fn a_distilled_vit_averages_its_heads_in_onnx_and_explains_both_tokens() {
 }
 
 #[test]
+fn runtime_gives_burns_answer_on_an_exported_swin_and_its_int8_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run_of(dir.path(), Preset::SwinTiny);
+    let onnx = dir.path().join("swin.onnx");
+    export::export(&run, &onnx, &ExportOptions::default()).unwrap();
+    let bytes = std::fs::read(&onnx).unwrap();
+    let model = Model::from_bytes(&bytes, &ModelOptions::default()).unwrap();
+    let mut classifier = Classifier::new(model, 3).unwrap();
+    let (int8, report) = runtime::quantize::quantize(&bytes, &ModelOptions::default()).unwrap();
+    // Per block: QKV, output and two MLP products; one merging; the head.
+    assert_eq!(report.int8_products, 4 * 4 + 1 + 1);
+    let mut int8_classifier = Classifier::new(
+        Model::from_bytes(&int8, &ModelOptions::default()).unwrap(),
+        3,
+    )
+    .unwrap();
+    for image in images(dir.path()) {
+        let ours = runtime_logits(&mut classifier, &image);
+        let diff = max_diff(&ours, &burn_logits(&run, &image));
+        assert!(diff <= 1e-4, "{}: logits differ by {diff}", image.display());
+        let rounded = runtime_logits(&mut int8_classifier, &image);
+        let scale = ours.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = max_diff(&ours, &rounded);
+        assert!(
+            diff <= 0.05 * scale,
+            "{}: int8 differs by {diff}",
+            image.display()
+        );
+    }
+}
+
+#[test]
 fn a_model_without_metadata_runs_with_options() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());

@@ -11,6 +11,7 @@ pub mod onnx_graph;
 
 mod cnn;
 mod inspect;
+mod swin;
 mod verify;
 mod vit;
 
@@ -40,7 +41,7 @@ pub enum ExportError {
     Opset(i64),
     #[error("no validation images to verify with: {0} (pass --data DIR)")]
     NoImages(String),
-    #[error("a {0} has no attention maps to export (--with-attention is for ViTs)")]
+    #[error("--with-attention is for ViTs: {0}")]
     NoAttention(&'static str),
     #[error("tract cannot run the exported graph: {0}")]
     Tract(String),
@@ -136,9 +137,17 @@ pub fn export_bytes(
         }
         (ModelConfig::Cnn(cnn), TrainedModel::Cnn(model)) => {
             if options.with_attention {
-                return Err(ExportError::NoAttention("CNN"));
+                return Err(ExportError::NoAttention("a CNN has no attention"));
             }
             cnn::build_graph(cnn, model)
+        }
+        (ModelConfig::Swin(swin), TrainedModel::Swin(model)) => {
+            if options.with_attention {
+                return Err(ExportError::NoAttention(
+                    "a Swin attends within windows, with no token that sums up the image",
+                ));
+            }
+            swin::build_graph(swin, model, opset)
         }
         _ => unreachable!("load_result builds the model its configuration names"),
     };

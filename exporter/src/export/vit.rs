@@ -17,7 +17,6 @@ pub(super) fn build_graph(
     let mut g = GraphBuilder::with_image_input("vit", c, s);
 
     // Shared constants.
-    let flatten = g.ints("const.flatten_shape", &[3], vec![0, d as i64, -1]);
     let split_heads = g.ints(
         "const.heads_shape",
         &[4],
@@ -35,52 +34,9 @@ pub(super) fn build_graph(
     let head_axis =
         (with_attention && opset >= 18).then(|| g.ints("const.head_axis", &[1], vec![1]));
     let mut attention_maps = Vec::new();
-    let (sqrt2, one, half) = (
-        g.weight("const.sqrt2", &[], vec![std::f32::consts::SQRT_2]),
-        g.weight("const.one", &[], vec![1.0]),
-        g.weight("const.half", &[], vec![0.5]),
-    );
+    let gelu = Gelu::new(&mut g, opset);
 
-    // Patch embedding: the Linear over (p1 p2 c) patches is a Conv with kernel = stride = p.
-    let linear = values(model.patch_embedding.weight.val());
-    let mut conv = vec![0.0; d * c * p * p];
-    for out in 0..d {
-        for ch in 0..c {
-            for p1 in 0..p {
-                for p2 in 0..p {
-                    conv[((out * c + ch) * p + p1) * p + p2] =
-                        linear[((p1 * p + p2) * c + ch) * d + out];
-                }
-            }
-        }
-    }
-    let conv_w = g.weight("patch_embedding.weight", &[d, c, p, p], conv);
-    let conv_b = g.weight(
-        "patch_embedding.bias",
-        &[d],
-        bias_of(&model.patch_embedding, d),
-    );
-    let patches = g.node(
-        "Conv",
-        "patch_embedding",
-        &["pixel_values", &conv_w, &conv_b],
-        vec![
-            ("kernel_shape", Attr::Ints(vec![p as i64; 2])),
-            ("strides", Attr::Ints(vec![p as i64; 2])),
-        ],
-    );
-    let patches = g.node(
-        "Reshape",
-        "patch_embedding.flatten",
-        &[&patches, &flatten],
-        vec![],
-    );
-    let patches = g.node(
-        "Transpose",
-        "patch_embedding.tokens",
-        &[&patches],
-        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
-    );
+    let patches = patch_embedding(&mut g, &model.patch_embedding, c, p);
 
     // CLS token expanded to the batch, prepended; position embedding added.
     let batch = g.node(
@@ -238,17 +194,7 @@ pub(super) fn build_graph(
             d,
             v.mlp_dim,
         );
-        let activated = if opset >= 20 {
-            g.node("Gelu", &format!("{b}.mlp.gelu"), &[&hidden], vec![])
-        } else {
-            // x · 0.5 · (1 + erf(x / √2)), in the order torch.onnx writes it (fusers match it).
-            let n = |part: &str| format!("{b}.mlp.gelu.{part}");
-            let scaled = g.node("Div", &n("div"), &[&hidden, &sqrt2], vec![]);
-            let erf = g.node("Erf", &n("erf"), &[&scaled], vec![]);
-            let plus_one = g.node("Add", &n("add"), &[&erf, &one], vec![]);
-            let gated = g.node("Mul", &n("mul"), &[&hidden, &plus_one], vec![]);
-            g.node("Mul", &format!("{b}.mlp.gelu"), &[&gated, &half], vec![])
-        };
+        let activated = gelu.apply(&mut g, &format!("{b}.mlp.gelu"), &hidden);
         let out = linear_node(
             &mut g,
             &format!("{b}.mlp.output"),
@@ -313,7 +259,7 @@ pub(super) fn build_graph(
     g
 }
 
-fn linear_node(
+pub(super) fn linear_node(
     g: &mut GraphBuilder,
     name: &str,
     input: &str,
@@ -331,7 +277,13 @@ fn linear_node(
     g.node("Add", name, &[&product, &b], vec![])
 }
 
-fn layer_norm(g: &mut GraphBuilder, name: &str, input: &str, norm: &LayerNorm, d: usize) -> String {
+pub(super) fn layer_norm(
+    g: &mut GraphBuilder,
+    name: &str,
+    input: &str,
+    norm: &LayerNorm,
+    d: usize,
+) -> String {
     let gamma = g.weight(&format!("{name}.weight"), &[d], values(norm.gamma.val()));
     let beta = g.weight(
         &format!("{name}.bias"),
@@ -349,4 +301,87 @@ fn layer_norm(g: &mut GraphBuilder, name: &str, input: &str, norm: &LayerNorm, d
             ("epsilon", Attr::Float(LAYER_NORM_EPSILON as f32)),
         ],
     )
+}
+
+/// The patch embedding, `[batch, tokens, d]`: the Linear over (p1 p2 c) patches is a Conv with
+/// kernel = stride = p, then Reshape and Transpose to tokens.
+pub(super) fn patch_embedding(
+    g: &mut GraphBuilder,
+    embedding: &Linear,
+    c: usize,
+    p: usize,
+) -> String {
+    let d = embedding.weight.dims()[1];
+    let flatten = g.ints("const.flatten_shape", &[3], vec![0, d as i64, -1]);
+    let linear = values(embedding.weight.val());
+    let mut conv = vec![0.0; d * c * p * p];
+    for out in 0..d {
+        for ch in 0..c {
+            for p1 in 0..p {
+                for p2 in 0..p {
+                    conv[((out * c + ch) * p + p1) * p + p2] =
+                        linear[((p1 * p + p2) * c + ch) * d + out];
+                }
+            }
+        }
+    }
+    let conv_w = g.weight("patch_embedding.weight", &[d, c, p, p], conv);
+    let conv_b = g.weight("patch_embedding.bias", &[d], bias_of(embedding, d));
+    let patches = g.node(
+        "Conv",
+        "patch_embedding",
+        &["pixel_values", &conv_w, &conv_b],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![p as i64; 2])),
+            ("strides", Attr::Ints(vec![p as i64; 2])),
+        ],
+    );
+    let patches = g.node(
+        "Reshape",
+        "patch_embedding.flatten",
+        &[&patches, &flatten],
+        vec![],
+    );
+    g.node(
+        "Transpose",
+        "patch_embedding.tokens",
+        &[&patches],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    )
+}
+
+/// Exact GELU: the Gelu op from opset 20, `x · 0.5 · (1 + erf(x / √2))` before it, in the order
+/// torch.onnx writes it (fusers match it); its constants are made once per graph.
+pub(super) enum Gelu {
+    Op,
+    Erf {
+        sqrt2: String,
+        one: String,
+        half: String,
+    },
+}
+
+impl Gelu {
+    pub(super) fn new(g: &mut GraphBuilder, opset: i64) -> Gelu {
+        if opset >= 20 {
+            return Gelu::Op;
+        }
+        Gelu::Erf {
+            sqrt2: g.weight("const.sqrt2", &[], vec![std::f32::consts::SQRT_2]),
+            one: g.weight("const.one", &[], vec![1.0]),
+            half: g.weight("const.half", &[], vec![0.5]),
+        }
+    }
+
+    pub(super) fn apply(&self, g: &mut GraphBuilder, name: &str, input: &str) -> String {
+        let Gelu::Erf { sqrt2, one, half } = self else {
+            return g.node("Gelu", name, &[input], vec![]);
+        };
+        let n = |part: &str| format!("{name}.{part}");
+        let scaled = g.node("Div", &n("div"), &[input, sqrt2], vec![]);
+        let erf = g.node("Erf", &n("erf"), &[&scaled], vec![]);
+        let plus_one = g.node("Add", &n("add"), &[&erf, one], vec![]);
+        let gated = g.node("Mul", &n("mul"), &[input, &plus_one], vec![]);
+        g.node("Mul", name, &[&gated, half], vec![])
+    }
 }

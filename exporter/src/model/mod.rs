@@ -1,12 +1,15 @@
-//! The models the exporter trains: the tutorial's Vision Transformer ([`vit`]) and a small
-//! residual CNN ([`cnn`]), the tutorial's point of comparison. Training, evaluation and export
+//! The models the exporter trains: the tutorial's Vision Transformer ([`vit`]), a small
+//! residual CNN ([`cnn`]), the tutorial's point of comparison, and the Swin Transformer
+//! ([`swin`]), its first extension. Training, evaluation and export
 //! see them through [`ImageClassifier`] and [`ModelConfig`], so one loop trains both.
 
 pub mod cnn;
 pub mod dropout;
+pub mod swin;
 pub mod vit;
 
 pub use cnn::{CnnConfig, ResNet};
+pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{LAYER_NORM_EPSILON, ViTConfig, VisionTransformer};
 
 use burn::module::Module;
@@ -17,6 +20,17 @@ use std::fmt;
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("invalid model configuration: {0}")]
 pub struct ConfigError(pub String);
+
+/// `[batch, channels, height, width]` → `[batch, patches, p·p·channels]`, row-major patches,
+/// each flattened as `(p1 p2 c)` (the tutorial's `b c (h p1) (w p2) -> b (h w) (p1 p2 c)`).
+fn patchify(images: Tensor<4>, p: usize) -> Tensor<3> {
+    let [batch, channels, height, width] = images.dims();
+    let (rows, cols) = (height / p, width / p);
+    images
+        .reshape([batch, channels, rows, p, cols, p])
+        .permute([0, 2, 4, 3, 5, 1])
+        .reshape([batch, rows * cols, p * p * channels])
+}
 
 /// The checks every architecture's head shares: dropout in [0, 1) and at least 2 classes.
 fn check_head(dropout: f64, num_classes: usize) -> Result<(), ConfigError> {
@@ -81,6 +95,7 @@ pub struct BatchStatistics {
 pub enum ModelConfig {
     Vit(ViTConfig),
     Cnn(CnnConfig),
+    Swin(SwinConfig),
 }
 
 impl ModelConfig {
@@ -88,6 +103,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Vit(config) => config.validate(),
             ModelConfig::Cnn(config) => config.validate(),
+            ModelConfig::Swin(config) => config.validate(),
         }
     }
 
@@ -95,6 +111,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Vit(config) => config.image_size,
             ModelConfig::Cnn(config) => config.image_size,
+            ModelConfig::Swin(config) => config.image_size,
         }
     }
 
@@ -102,6 +119,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Vit(config) => config.channels,
             ModelConfig::Cnn(config) => config.channels,
+            ModelConfig::Swin(config) => config.channels,
         }
     }
 
@@ -109,6 +127,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Vit(config) => config.num_classes,
             ModelConfig::Cnn(config) => config.num_classes,
+            ModelConfig::Swin(config) => config.num_classes,
         }
     }
 
@@ -116,16 +135,18 @@ impl ModelConfig {
         match self {
             ModelConfig::Vit(config) => config.dropout = dropout,
             ModelConfig::Cnn(config) => config.dropout = dropout,
+            ModelConfig::Swin(config) => config.dropout = dropout,
         }
     }
 
     /// The architecture's name, as the ONNX metadata's `vit.architecture` gives it: `vit`,
-    /// `deit` (a ViT with a distillation token) or `resnet`.
+    /// `deit` (a ViT with a distillation token), `resnet` or `swin`.
     pub fn architecture(&self) -> &'static str {
         match self {
             ModelConfig::Vit(config) if config.distillation_token => "deit",
             ModelConfig::Vit(_) => "vit",
             ModelConfig::Cnn(_) => "resnet",
+            ModelConfig::Swin(_) => "swin",
         }
     }
 
@@ -134,6 +155,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Vit(config) => config.multiply_adds(),
             ModelConfig::Cnn(config) => config.multiply_adds(),
+            ModelConfig::Swin(config) => config.multiply_adds(),
         }
     }
 
@@ -142,6 +164,7 @@ impl ModelConfig {
         Ok(match self {
             ModelConfig::Vit(config) => TrainedModel::Vit(config.init(device)?),
             ModelConfig::Cnn(config) => TrainedModel::Cnn(config.init(device)?),
+            ModelConfig::Swin(config) => TrainedModel::Swin(config.init(device)?),
         })
     }
 }
@@ -151,6 +174,7 @@ impl ModelConfig {
 pub enum TrainedModel {
     Vit(VisionTransformer),
     Cnn(ResNet),
+    Swin(SwinTransformer),
 }
 
 impl TrainedModel {
@@ -159,6 +183,7 @@ impl TrainedModel {
         match self {
             TrainedModel::Vit(model) => model.forward(images),
             TrainedModel::Cnn(model) => ImageClassifier::forward(model, images),
+            TrainedModel::Swin(model) => ImageClassifier::forward(model, images),
         }
     }
 
@@ -166,6 +191,7 @@ impl TrainedModel {
         match self {
             TrainedModel::Vit(model) => model.num_params(),
             TrainedModel::Cnn(model) => model.num_params(),
+            TrainedModel::Swin(model) => model.num_params(),
         }
     }
 
@@ -174,6 +200,7 @@ impl TrainedModel {
         match self {
             TrainedModel::Vit(model) => model.visit(visitor),
             TrainedModel::Cnn(model) => model.visit(visitor),
+            TrainedModel::Swin(model) => model.visit(visitor),
         }
     }
 }
@@ -196,6 +223,14 @@ pub enum Preset {
     Cnn,
     /// For tests: a residual CNN for 16 px images, 2 stages of 4 and 8 channels.
     CnnTiny,
+    /// A Swin for the tutorial's 144 px input: patch 4 (36×36 tokens), windows of 6×6, 2 stages
+    /// of 2 blocks, widths 32 and 64, heads 2 and 4, MLP ×2.
+    SwinSeed,
+    /// A Swin for 28 px images: patch 2 (14×14 tokens), windows of 7×7, 2 stages of 2 blocks,
+    /// widths 32 and 64, heads 2 and 4, MLP ×2.
+    SwinFashion,
+    /// For tests: a Swin for 16 px images, patch 2, windows of 4, widths 8 and 16.
+    SwinTiny,
 }
 
 impl Preset {
@@ -208,6 +243,9 @@ impl Preset {
             Preset::DeitTiny => "deit-tiny",
             Preset::Cnn => "cnn",
             Preset::CnnTiny => "cnn-tiny",
+            Preset::SwinSeed => "swin-seed",
+            Preset::SwinFashion => "swin-fashion",
+            Preset::SwinTiny => "swin-tiny",
         }
     }
 
@@ -236,6 +274,20 @@ impl Preset {
                 num_classes,
             })
         };
+        let swin = |image_size, patch_size, window_size, embed_dim, dropout| {
+            ModelConfig::Swin(SwinConfig {
+                image_size,
+                channels,
+                patch_size,
+                window_size,
+                embed_dim,
+                depths: vec![2, 2],
+                heads: vec![2, 4],
+                mlp_ratio: 2,
+                dropout,
+                num_classes,
+            })
+        };
         match self {
             Preset::Tiny => vit((16, 4, 16, 2, 2, 32, 0.0)),
             Preset::Fashion => vit((28, 7, 64, 6, 4, 128, 0.1)),
@@ -244,6 +296,9 @@ impl Preset {
             Preset::DeitTiny => vit((224, 16, 192, 12, 3, 768, 0.1)),
             Preset::Cnn => cnn(28, &[32, 64, 128], &[1, 1, 1]),
             Preset::CnnTiny => cnn(16, &[4, 8], &[1, 1]),
+            Preset::SwinSeed => swin(144, 4, 6, 32, 0.1),
+            Preset::SwinFashion => swin(28, 2, 7, 32, 0.1),
+            Preset::SwinTiny => swin(16, 2, 4, 8, 0.0),
         }
     }
 }
@@ -274,7 +329,7 @@ mod tests {
 
     #[test]
     fn configs_read_back_as_their_architecture() {
-        for preset in [Preset::Fashion, Preset::Cnn] {
+        for preset in [Preset::Fashion, Preset::Cnn, Preset::SwinFashion] {
             let config = preset.config(1, 10);
             let json = serde_json::to_string(&config).unwrap();
             let back: ModelConfig = serde_json::from_str(&json).unwrap();

@@ -198,15 +198,10 @@ impl VisionTransformer {
     /// Patchify, project, prepend CLS (and the distillation token), add position:
     /// `[batch, tokens, dim]`.
     fn embed(&self, images: Tensor<4>) -> Tensor<3> {
-        let [batch, channels, height, width] = images.dims();
-        let p = self.patch_size;
-        let (rows, cols) = (height / p, width / p);
-        // b c (h p1) (w p2) -> b (h w) (p1 p2 c)
-        let patches = images
-            .reshape([batch, channels, rows, p, cols, p])
-            .permute([0, 2, 4, 3, 5, 1])
-            .reshape([batch, rows * cols, p * p * channels]);
-        let patches = self.patch_embedding.forward(patches);
+        let batch = images.dims()[0];
+        let patches = self
+            .patch_embedding
+            .forward(super::patchify(images, self.patch_size));
         let dim = patches.dims()[2];
         let cls = self.cls_token.val().expand([batch, 1, dim]);
         let tokens = match &self.distillation_token {
@@ -324,7 +319,7 @@ impl SelfAttention {
 /// fewer full-size passes under autodiff (the row maximum is a constant for the gradient, and one
 /// reciprocal per row replaces a division per element); training the 1297-token `seed` preset
 /// spends most of its time here.
-fn row_softmax(scores: Tensor<4>) -> Tensor<4> {
+pub(super) fn row_softmax(scores: Tensor<4>) -> Tensor<4> {
     let row_max = scores.clone().detach().max_dim(3);
     let exponentials = (scores - row_max).exp();
     let row_sum_recip = exponentials.clone().sum_dim(3).recip();

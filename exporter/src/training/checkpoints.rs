@@ -116,6 +116,7 @@ fn load_model_from(
     Ok(match config.init(device)? {
         TrainedModel::Vit(model) => TrainedModel::Vit(load_weights_from(model, bytes, path)?),
         TrainedModel::Cnn(model) => TrainedModel::Cnn(load_weights_from(model, bytes, path)?),
+        TrainedModel::Swin(model) => TrainedModel::Swin(load_weights_from(model, bytes, path)?),
     })
 }
 

@@ -212,14 +212,33 @@ impl ModelOverrides {
                 *field = v;
             }
         };
+        let given = [
+            ("--patch-size", self.patch_size.is_some()),
+            ("--dim", self.dim.is_some()),
+            ("--depth", self.depth.is_some()),
+            ("--heads", self.heads.is_some()),
+            ("--mlp-dim", self.mlp_dim.is_some()),
+            ("--widths", self.widths.is_some()),
+            ("--blocks", self.blocks.is_some()),
+        ];
+        let (architecture, applies): (&str, &[&str]) = match config {
+            ModelConfig::Vit(_) => (
+                "a ViT",
+                &["--patch-size", "--dim", "--depth", "--heads", "--mlp-dim"],
+            ),
+            ModelConfig::Cnn(_) => ("a CNN", &["--widths", "--blocks"]),
+            ModelConfig::Swin(_) => ("a Swin", &["--patch-size"]),
+        };
+        if let Some((flag, _)) = given
+            .iter()
+            .find(|(flag, set)| *set && !applies.contains(flag))
+        {
+            return Err(ConfigError(format!(
+                "{flag} does not apply to {architecture}"
+            )));
+        }
         match config {
             ModelConfig::Vit(config) => {
-                let cnn_only = [("--widths", &self.widths), ("--blocks", &self.blocks)];
-                if let Some((flag, _)) = cnn_only.iter().find(|(_, v)| v.is_some()) {
-                    return Err(ConfigError(format!(
-                        "{flag} is a CNN setting; a ViT has none"
-                    )));
-                }
                 set(&mut config.image_size, self.image_size);
                 set(&mut config.patch_size, self.patch_size);
                 set(&mut config.dim, self.dim);
@@ -228,18 +247,6 @@ impl ModelOverrides {
                 set(&mut config.mlp_dim, self.mlp_dim);
             }
             ModelConfig::Cnn(config) => {
-                let vit_only = [
-                    ("--patch-size", self.patch_size),
-                    ("--dim", self.dim),
-                    ("--depth", self.depth),
-                    ("--heads", self.heads),
-                    ("--mlp-dim", self.mlp_dim),
-                ];
-                if let Some((flag, _)) = vit_only.iter().find(|(_, v)| v.is_some()) {
-                    return Err(ConfigError(format!(
-                        "{flag} is a ViT setting; a CNN has none"
-                    )));
-                }
                 set(&mut config.image_size, self.image_size);
                 if let Some(widths) = &self.widths {
                     config.widths = widths.clone();
@@ -247,6 +254,10 @@ impl ModelOverrides {
                 if let Some(blocks) = &self.blocks {
                     config.blocks = blocks.clone();
                 }
+            }
+            ModelConfig::Swin(config) => {
+                set(&mut config.image_size, self.image_size);
+                set(&mut config.patch_size, self.patch_size);
             }
         }
         if let Some(dropout) = self.dropout {

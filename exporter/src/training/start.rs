@@ -64,7 +64,7 @@ pub fn train(
         Some(source) => {
             let ModelConfig::Vit(vit) = &mut model else {
                 return Err(TrainError::Invalid(
-                    "distillation trains a ViT's distillation token; a CNN has none".into(),
+                    "distillation trains a ViT's distillation token, which only a ViT has".into(),
                 ));
             };
             if init_from.is_some() && !vit.distillation_token {
@@ -223,6 +223,7 @@ fn restore_and_run(
     match &config.model {
         ModelConfig::Vit(model) => with(config, |d| model.init(d), start, progress, prepare),
         ModelConfig::Cnn(model) => with(config, |d| model.init(d), start, progress, prepare),
+        ModelConfig::Swin(model) => with(config, |d| model.init(d), start, progress, prepare),
     }
 }
 

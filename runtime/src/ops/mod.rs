@@ -25,6 +25,24 @@ use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
 use std::thread::LocalKey;
 
+/// Whether `tensor`'s values lie in row-major order with no gaps. Strides of axes of length 1
+/// do not matter: tract leaves them as they were (a `[1, 1, 16]` reduced from a larger tensor
+/// may keep strides `[16, 1, 1]`).
+pub(crate) fn is_row_major(tensor: &tract_onnx::prelude::Tensor) -> bool {
+    row_major_layout(tensor.shape(), tensor.strides())
+}
+
+fn row_major_layout(shape: &[usize], strides: &[isize]) -> bool {
+    let mut expected = 1isize;
+    for (&dim, &stride) in shape.iter().zip(strides).rev() {
+        if dim > 1 && stride != expected {
+            return false;
+        }
+        expected *= dim as isize;
+    }
+    true
+}
+
 /// Values whose first is on a 64-byte boundary (a cache line, an AVX-512 vector), so no
 /// vector load of a whole panel row straddles two lines.
 #[derive(Debug)]
@@ -316,6 +334,16 @@ pub(crate) mod properties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_major_ignores_the_strides_of_single_axes_only() {
+        assert!(row_major_layout(&[1, 1, 16], &[16, 16, 1]));
+        // A [1, 1, 16] reduced from a larger tensor, with its leftover stride.
+        assert!(row_major_layout(&[1, 1, 16], &[16, 1, 1]));
+        // A transposed [2, 3], and a [2, 3] with a gap after each row: not row-major.
+        assert!(!row_major_layout(&[2, 3], &[1, 2]));
+        assert!(!row_major_layout(&[2, 3], &[4, 1]));
+    }
 
     #[test]
     fn names_round_trip_and_unknown_ones_are_refused() {

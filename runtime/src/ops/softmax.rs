@@ -44,10 +44,7 @@ impl EvalOp for RowSoftmax {
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let row_len = input.shape().last().copied().unwrap_or(0);
-        if input.datum_type() != f32::datum_type()
-            || row_len == 0
-            || input.strides() != &*Tensor::natural_strides(input.shape())
-        {
+        if input.datum_type() != f32::datum_type() || row_len == 0 || !super::is_row_major(&input) {
             return self.original.eval(ctx, tvec!(input));
         }
         let output = update_rows(input, row_len, SOFTMAX_COST, |rows| {

@@ -96,7 +96,7 @@ impl Shape {
     fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> TractResult<Shape> {
         for t in [q, k, v] {
             ensure!(t.datum_type() == f32::datum_type() && t.rank() == 3);
-            ensure!(t.strides() == &*Tensor::natural_strides(t.shape()));
+            ensure!(super::is_row_major(t));
         }
         let [queries, heads, key_size] = [q.shape()[0], q.shape()[1], q.shape()[2]];
         let [keys, value_size] = [k.shape()[0], v.shape()[2]];

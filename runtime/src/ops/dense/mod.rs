@@ -162,7 +162,12 @@ pub(crate) fn eval_dense(
     ensure!(inputs.len() == 1 + residual as usize);
     for input in &inputs {
         ensure!(input.datum_type() == f32::datum_type());
-        ensure!(input.strides() == &*Tensor::natural_strides(input.shape()));
+        ensure!(
+            super::is_row_major(input),
+            "input of shape {:?} has strides {:?}",
+            input.shape(),
+            input.strides()
+        );
     }
     let x = &inputs[0];
     let rows = output_shape.iter().product::<usize>() / width;
