@@ -233,6 +233,14 @@ fn runtime_gives_burns_answer_on_an_exported_swin_and_its_int8_copy() {
     export::export(&run, &onnx, &ExportOptions::default()).unwrap();
     let bytes = std::fs::read(&onnx).unwrap();
     let model = Model::from_bytes(&bytes, &ModelOptions::default()).unwrap();
+    // Every block's windowed attention, shifted or not, runs on the runtime's fused core: the
+    // comparison with burn below covers its windows and its bias.
+    let operators = model.operators();
+    assert_eq!(
+        operators.get("TokenMajorAttention"),
+        Some(&4),
+        "{operators:?}"
+    );
     let mut classifier = Classifier::new(model, 3).unwrap();
     let (int8, report) = runtime::quantize::quantize(&bytes, &ModelOptions::default()).unwrap();
     // Per block: QKV, output and two MLP products; one merging; the head.

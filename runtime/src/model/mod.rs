@@ -80,7 +80,9 @@ pub enum ModelError {
     NoAttention,
     /// Attention maps were asked for from a model of an architecture without attention (its
     /// `vit.architecture`, e.g. `resnet`).
-    #[error("a {0} model has no attention to show: explain needs a ViT")]
+    #[error(
+        "a {0} model has no attention over the whole image to show (a CNN has none, a Swin's stays within windows): explain needs a ViT"
+    )]
     NoAttentionInArchitecture(String),
 }
 

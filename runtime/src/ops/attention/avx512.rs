@@ -152,6 +152,12 @@ impl Core<'_> {
         for r in 0..R {
             // SAFETY: row r of the scratch, `keys` scores.
             let row = unsafe { self.scores.add(r * padded_keys) };
+            if self.job.bias.is_some() {
+                // SAFETY: as above; no other reference to the row is alive.
+                let scores = unsafe { std::slice::from_raw_parts_mut(row, keys) };
+                self.job
+                    .add_bias(self.head, self.first_query + block + r, scores);
+            }
             reciprocals[r] = 1.0 / unsafe { exp_in_place(row, keys) };
             weights[r] = row.cast_const();
         }

@@ -80,6 +80,7 @@ pub(super) unsafe fn attend(
         heads,
         key_size,
         value_size,
+        ..
     } = shape;
     let padded_keys = keys.next_multiple_of(KEY_TILE);
     let groups = key_size.div_ceil(4);

@@ -8,6 +8,11 @@
 //! them (`[tokens, heads, head size]`), keeps a block of score rows in L1 between the two
 //! products, and never writes the scores out. [`fuse_attention`] puts it in place of the
 //! four operators in a decluttered model.
+//!
+//! The Swin's windowed attention is the same core over a leading axis of windows, with a
+//! constant added to the scores before the softmax (the relative position bias, and the
+//! shift mask in shifted blocks): each window is one evaluation of the kernels, the bias
+//! added to each row of scores as it leaves the first product.
 
 use std::cell::RefCell;
 
@@ -19,19 +24,36 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 /// Scaled dot-product attention over f32 `q [queries, heads, d]`, `k [keys, heads, d]` and
-/// `v [keys, heads, dv]`, giving `[queries, heads, dv]`.
+/// `v [keys, heads, dv]`, giving `[queries, heads, dv]`; or, with a leading axis of windows
+/// (`q [windows, queries, heads, d]`, …), the same in each window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenMajorAttention {
     /// Factor of the scores `q kᵀ` before the softmax (usually `1/√d`).
     pub scale: f32,
     /// The kernel's instruction set.
     pub isa: Isa,
+    /// Added to the scaled scores before the softmax: `[windows or 1, heads, queries, keys]`.
+    pub bias: Option<Bias>,
+}
+
+/// A constant added to the attention scores, for every window alike or for each its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bias {
+    /// `[windows, heads, queries, keys]` values, row-major.
+    pub values: Arc<Vec<f32>>,
+    /// 1 (one bias for every window) or the number of windows.
+    pub windows: usize,
 }
 
 impl std::hash::Hash for TokenMajorAttention {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.scale.to_bits().hash(state);
         self.isa.hash(state);
+        if let Some(bias) = &self.bias {
+            bias.windows.hash(state);
+            bias.values.len().hash(state);
+            bias.values.iter().for_each(|v| v.to_bits().hash(state));
+        }
     }
 }
 
@@ -43,7 +65,11 @@ impl Op for TokenMajorAttention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("scale: {}, {}", self.scale, self.isa)])
+        let bias = match &self.bias {
+            Some(bias) => format!(", bias over {} window(s)", bias.windows),
+            None => String::new(),
+        };
+        Ok(vec![format!("scale: {}, {}{bias}", self.scale, self.isa)])
     }
 
     op_as_typed_op!();
@@ -55,7 +81,20 @@ impl EvalOp for TokenMajorAttention {
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (q, k, v) = args_3!(inputs);
         let shape = Shape::of(&q, &k, &v)?;
-        let output_shape = [shape.queries, shape.heads, shape.value_size];
+        let mut output_shape = tvec![shape.queries, shape.heads, shape.value_size];
+        if q.rank() == 4 {
+            output_shape.insert(0, shape.windows);
+        }
+        if let Some(bias) = &self.bias {
+            let per_window = shape.heads * shape.queries * shape.keys;
+            ensure!(
+                (bias.windows == 1 || bias.windows == shape.windows)
+                    && bias.values.len() == bias.windows * per_window,
+                "a bias of {} values over {} window(s) for {shape:?}",
+                bias.values.len(),
+                bias.windows
+            );
+        }
         // SAFETY: f32 has no invalid bit patterns, and `attend` writes every value.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&output_shape)? };
         let (q, k, v) = (
@@ -66,7 +105,17 @@ impl EvalOp for TokenMajorAttention {
         {
             let mut out = output.try_as_plain_ram_mut()?;
             let (q, k, v) = (q.as_slice()?, k.as_slice()?, v.as_slice()?);
-            attend(shape, self.scale, self.isa, q, k, v, out.as_slice_mut()?)?;
+            let bias = self.bias.as_ref().map(|b| (b.values.as_slice(), b.windows));
+            attend(
+                shape,
+                self.scale,
+                bias,
+                self.isa,
+                q,
+                k,
+                v,
+                out.as_slice_mut()?,
+            )?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -74,17 +123,22 @@ impl EvalOp for TokenMajorAttention {
 
 impl TypedOp for TokenMajorAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 3 && inputs.iter().all(|f| f.rank() == 3));
+        let rank = inputs[0].rank();
+        ensure!(inputs.len() == 3 && (rank == 3 || rank == 4));
+        ensure!(inputs.iter().all(|f| f.rank() == rank));
         let (q, v) = (&inputs[0].shape, &inputs[2].shape);
-        Ok(tvec!(f32::fact([q[0].clone(), q[1].clone(), v[2].clone()])))
+        let mut shape: TVec<TDim> = q.iter().take(rank - 1).cloned().collect();
+        shape.push(v[rank - 1].clone());
+        Ok(tvec!(f32::fact(shape)))
     }
 
     as_op!();
 }
 
-/// The sizes of one evaluation.
+/// The sizes of one evaluation (of each window).
 #[derive(Debug, Clone, Copy)]
 struct Shape {
+    windows: usize,
     queries: usize,
     keys: usize,
     heads: usize,
@@ -94,24 +148,41 @@ struct Shape {
 
 impl Shape {
     fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> TractResult<Shape> {
+        let rank = q.rank();
         for t in [q, k, v] {
-            ensure!(t.datum_type() == f32::datum_type() && t.rank() == 3);
+            ensure!(t.datum_type() == f32::datum_type() && t.rank() == rank);
+            ensure!(rank == 3 || rank == 4);
             ensure!(super::is_row_major(t));
         }
-        let [queries, heads, key_size] = [q.shape()[0], q.shape()[1], q.shape()[2]];
-        let [keys, value_size] = [k.shape()[0], v.shape()[2]];
+        // A window axis in front, or none: one window.
+        let windows = if rank == 4 { q.shape()[0] } else { 1 };
+        let axes = |t: &Tensor| -> [usize; 3] {
+            let s = &t.shape()[rank - 3..];
+            [s[0], s[1], s[2]]
+        };
+        ensure!(
+            rank == 3 || (k.shape()[0] == windows && v.shape()[0] == windows),
+            "attention operands q {:?}, k {:?}, v {:?} have different windows",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+        let [queries, heads, key_size] = axes(q);
+        let (k_axes, v_axes) = (axes(k), axes(v));
+        let [keys, value_size] = [k_axes[0], v_axes[2]];
         ensure!(
             keys > 0 && key_size > 0,
             "attention over {keys} keys of size {key_size}"
         );
         ensure!(
-            k.shape() == [keys, heads, key_size] && v.shape() == [keys, heads, value_size],
+            k_axes == [keys, heads, key_size] && v_axes == [keys, heads, value_size],
             "attention operands q {:?}, k {:?}, v {:?} do not agree",
             q.shape(),
             k.shape(),
             v.shape()
         );
         Ok(Shape {
+            windows,
             queries,
             keys,
             heads,
@@ -180,22 +251,36 @@ impl Panels<'_> {
     }
 }
 
-/// `output = softmax(scale · q kᵀ) v` per head, the query rows spread over the inference
-/// threads.
+/// `output = softmax(scale · q kᵀ + bias) v` per head (and window): the query rows spread over
+/// the inference threads, or, with several windows, the windows. `bias` is the values and the
+/// number of windows they cover (1: the same for every window).
+#[allow(clippy::too_many_arguments)]
 fn attend(
     shape: Shape,
     scale: f32,
+    bias: Option<(&[f32], usize)>,
     isa: Isa,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     output: &mut [f32],
 ) -> TractResult<()> {
-    if shape.queries == 0 || shape.heads == 0 || shape.value_size == 0 {
+    if shape.windows == 0 || shape.queries == 0 || shape.heads == 0 || shape.value_size == 0 {
         return Ok(());
     }
+    let per_window = shape.heads * shape.queries * shape.keys;
+    let bias_of = |window: usize| {
+        bias.map(|(values, windows)| {
+            let first = if windows == 1 { 0 } else { window * per_window };
+            &values[first..][..per_window]
+        })
+    };
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && shape.keys >= int8::MIN_KEYS {
+    if isa == Isa::Avx512Vnni
+        && shape.keys >= int8::MIN_KEYS
+        && shape.windows == 1
+        && bias.is_none()
+    {
         assert!(isa.runs_here(), "{isa} kernel on a CPU without it");
         // SAFETY: the CPU has AVX-512 VNNI (checked above).
         unsafe { int8::attend(shape, scale, q, k, v, output) };
@@ -204,33 +289,65 @@ fn attend(
     let isa = kernel(isa);
     assert!(isa.runs_here(), "{isa} kernel on a CPU without it");
     let tiling = Tiling::of(isa, shape.value_size);
-    with_buffer(&PANELS, |buffer| {
-        let job = Job {
-            shape,
-            scale,
-            q,
-            panels: pack(shape, tiling, k, v, buffer),
-        };
-        // The default model's core is 0.3 M multiply-adds: one thread.
-        let macs = shape.heads * shape.queries * shape.keys * (shape.key_size + shape.value_size);
-        let row_len = shape.heads * shape.value_size;
-        for_each_share(output, row_len, tiling.rows, macs, |first_query, out| {
-            with_buffer(&SCRATCH, |scratch| {
-                let scratch = aligned(scratch, tiling.rows * job.panels.padded_keys);
-                match isa {
-                    // SAFETY: the CPU has the features the kernels are compiled for (checked
-                    // above).
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe {
-                        avx512::attend_queries(&job, first_query, out, scratch)
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { avx2::attend_queries(&job, first_query, out, scratch) },
-                    _ => portable::attend_queries(&job, first_query, out, scratch),
-                }
+    let macs = shape.windows
+        * shape.heads
+        * shape.queries
+        * shape.keys
+        * (shape.key_size + shape.value_size);
+    if shape.windows == 1 {
+        return with_buffer(&PANELS, |buffer| {
+            let job = Job {
+                shape,
+                scale,
+                bias: bias_of(0),
+                q,
+                panels: pack(shape, tiling, k, v, buffer),
+            };
+            // The default model's core is 0.3 M multiply-adds: one thread.
+            let row_len = shape.heads * shape.value_size;
+            for_each_share(output, row_len, tiling.rows, macs, |first_query, out| {
+                run_kernel(isa, tiling, &job, first_query, out)
             });
+            Ok(())
         });
-        Ok(())
+    }
+    // Windows (a Swin's): whole windows per thread, each packing its own window's k and v.
+    let q_len = shape.queries * shape.heads * shape.key_size;
+    let k_len = shape.keys * shape.heads * shape.key_size;
+    let v_len = shape.keys * shape.heads * shape.value_size;
+    let out_len = shape.queries * shape.heads * shape.value_size;
+    for_each_share(output, out_len, 1, macs, |first_window, out| {
+        for (i, out) in out.chunks_exact_mut(out_len).enumerate() {
+            let w = first_window + i;
+            with_buffer(&PANELS, |buffer| {
+                let (k, v) = (&k[w * k_len..][..k_len], &v[w * v_len..][..v_len]);
+                let job = Job {
+                    shape,
+                    scale,
+                    bias: bias_of(w),
+                    q: &q[w * q_len..][..q_len],
+                    panels: pack(shape, tiling, k, v, buffer),
+                };
+                run_kernel(isa, tiling, &job, 0, out);
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The f32 kernel of `isa` over the query rows `out` holds, from `first_query` on.
+fn run_kernel(isa: Isa, tiling: Tiling, job: &Job, first_query: usize, out: &mut [f32]) {
+    with_buffer(&SCRATCH, |scratch| {
+        let scratch = aligned(scratch, tiling.rows * job.panels.padded_keys);
+        match isa {
+            // SAFETY: the CPU has the features the kernels are compiled for (checked by the
+            // caller).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::attend_queries(job, first_query, out, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::attend_queries(job, first_query, out, scratch) },
+            _ => portable::attend_queries(job, first_query, out, scratch),
+        }
     })
 }
 
@@ -305,8 +422,24 @@ fn pack<'a>(
 struct Job<'a> {
     shape: Shape,
     scale: f32,
+    /// Added to the scaled scores: `[heads, queries, keys]`.
+    bias: Option<&'a [f32]>,
     q: &'a [f32],
     panels: Panels<'a>,
+}
+
+impl Job<'_> {
+    /// Adds the bias (if any) of `head` and `query` to that row of scaled scores.
+    #[inline(always)]
+    fn add_bias(&self, head: usize, query: usize, scores: &mut [f32]) {
+        if let Some(bias) = self.bias {
+            let keys = self.shape.keys;
+            let row = &bias[(head * self.shape.queries + query) * keys..][..keys];
+            for (score, &b) in scores[..keys].iter_mut().zip(row) {
+                *score += b;
+            }
+        }
+    }
 }
 
 /// The f32 kernel the attention core runs for the best instruction set `isa`: aarch64 runs the
@@ -340,6 +473,7 @@ pub fn use_int8(model: &mut TypedModel, isa: Isa) -> usize {
 struct Core {
     operands: [(OutletId, Vec<usize>); 3],
     scale: f32,
+    bias: Option<Bias>,
     context: usize,
     /// Unit axes of the context's output in neither input, to put back on the result.
     context_unit_axes: Vec<usize>,
@@ -349,7 +483,9 @@ struct Core {
 /// how many were replaced.
 ///
 /// The shape matched is `EinSum(mbk,nbk->bmn)` → optional `Mul` by a constant scalar →
-/// `Softmax` over the last axis → `EinSum(bmk,kbn->mbn)`, each intermediate used once (an
+/// optional `Add` of a constant (a Swin's relative position bias and shift mask) →
+/// `Softmax` over the last axis → `EinSum(bmk,kbn->mbn)`, or the same with an axis of windows
+/// in front of every operand, each intermediate used once (an
 /// exported attention map keeps its softmax, and its core, unfused). That is how tract-onnx
 /// reads the exporter's graph, and torch's once its transposes are folded, except that torch's
 /// q, k and v are `[tokens, 1, heads, d]` slices of the fused QKV output: unit axes summed away
@@ -380,6 +516,7 @@ pub fn fuse_attention(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
         let op = TokenMajorAttention {
             scale: core.scale,
             isa: kernel(isa),
+            bias: core.bias,
         };
         let mut wire = patch.wire_node(&name, op, &inputs)?[0];
         for &axis in &core.context_unit_axes {
@@ -400,24 +537,40 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
     let node = model.node(softmax);
     let op = node.op_as::<Softmax>().unwrap();
     let fact = &node.outputs[0].fact;
+    let rank = fact.rank();
     if op.kind != SoftmaxKind::Softmax
         || op.quant_output_dt.is_some()
         || fact.datum_type != f32::datum_type()
-        || fact.rank() != 3
-        || op.axes.as_slice() != [2]
+        || !(rank == 3 || rank == 4)
+        || op.axes.as_slice() != [rank - 1]
     {
         return Ok(None);
     }
+    // The forms of the two products, with or without a leading windows axis.
+    let (scores_form, context_form) = match rank {
+        3 => ("abc,dbc->bad", "abc,cad->bad"),
+        _ => ("abcd,aecd->acbe", "abcd,adbe->acbe"),
+    };
     let Some(context) = model.single_succ(softmax)? else {
         return Ok(None);
     };
     let Some(([_, v_axes], context_unit_axes, form)) = einsum_form(model, context)? else {
         return Ok(None);
     };
-    if form != "abc,cad->bad" || context.inputs[0] != softmax.into() {
+    if form != context_form || context.inputs[0] != softmax.into() {
         return Ok(None);
     }
-    let (mut scores, mut scale) = (model.node(node.inputs[0].node), 1.0);
+    let (mut scores, mut scale, mut bias) = (model.node(node.inputs[0].node), 1.0, None);
+    if is_bin(scores, "Add") && scores.outputs[0].successors.len() == 1 {
+        let Some((biased, value)) = constant_operand(model, scores, "Add")? else {
+            return Ok(None);
+        };
+        let Some(found) = bias_of(&value, fact)? else {
+            return Ok(None);
+        };
+        bias = Some(found);
+        scores = model.node(biased.node);
+    }
     if is_bin(scores, "Mul") && scores.outputs[0].successors.len() == 1 {
         let Some((product, value)) = constant_operand(model, scores, "Mul")? else {
             return Ok(None);
@@ -432,7 +585,7 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
         return Ok(None);
     };
     let single_use = scores.outputs[0].successors.len() == 1;
-    if form != "abc,dbc->bad" || !scores_unit_axes.is_empty() || !single_use {
+    if form != scores_form || !scores_unit_axes.is_empty() || !single_use {
         return Ok(None);
     }
     Ok(Some(Core {
@@ -442,8 +595,35 @@ fn match_core(model: &TypedModel, softmax: usize) -> TractResult<Option<Core>> {
             (context.inputs[1], v_axes),
         ],
         scale,
+        bias,
         context: context.id,
         context_unit_axes,
+    }))
+}
+
+/// `value` as a [`Bias`] of scores shaped as `scores` (`[windows,] heads, queries, keys`): its
+/// last three axes those of the scores, the ones before them 1 or the windows.
+fn bias_of(value: &Tensor, scores: &TypedFact) -> TractResult<Option<Bias>> {
+    let Some(shape) = scores.shape.as_concrete() else {
+        return Ok(None);
+    };
+    let (rank, dims) = (shape.len(), value.shape());
+    if value.datum_type() != f32::datum_type() || dims.len() < 3 {
+        return Ok(None);
+    }
+    let windows = if rank == 4 { shape[0] } else { 1 };
+    let leading: usize = dims[..dims.len() - 3].iter().product();
+    if dims[dims.len() - 3..] != shape[rank - 3..] || !(leading == 1 || leading == windows) {
+        return Ok(None);
+    }
+    let values = value
+        .to_plain_array_view::<f32>()?
+        .iter()
+        .copied()
+        .collect();
+    Ok(Some(Bias {
+        values: Arc::new(values),
+        windows: leading,
     }))
 }
 

@@ -37,6 +37,7 @@ pub(super) fn attend_queries_with<const FMA: bool>(
         scale,
         q,
         ref panels,
+        ..
     } = *job;
     let Shape {
         keys,
@@ -67,6 +68,10 @@ pub(super) fn attend_queries_with<const FMA: bool>(
                         *score = dot * scale;
                     }
                 }
+            }
+            for r in 0..ROWS {
+                let query = first_query + block + r.min(rows - 1);
+                job.add_bias(head, query, &mut scores[r * padded_keys..]);
             }
             // Softmax without its division: the context's few values are divided instead.
             let mut sums = [0f32; ROWS];

@@ -6,35 +6,59 @@ use crate::ops::rows::on_two_threads;
 
 /// Attention in double precision, straight from the definition.
 fn reference(shape: Shape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    reference_with_bias(shape, scale, None, q, k, v)
+}
+
+/// The definition with each window's scores plus `bias` (its values and how many windows they
+/// cover) before the softmax.
+fn reference_with_bias(
+    shape: Shape,
+    scale: f32,
+    bias: Option<(&[f32], usize)>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
     let Shape {
+        windows,
         queries,
         keys,
         heads,
         key_size,
         value_size,
     } = shape;
-    let mut out = vec![0f32; queries * heads * value_size];
-    for i in 0..queries {
-        for h in 0..heads {
-            let scores: Vec<f64> = (0..keys)
-                .map(|j| {
-                    (0..key_size)
-                        .map(|d| {
-                            q[(i * heads + h) * key_size + d] as f64
-                                * k[(j * heads + h) * key_size + d] as f64
-                        })
-                        .sum::<f64>()
-                        * scale as f64
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-            let sum: f64 = exps.iter().sum();
-            for c in 0..value_size {
-                let value: f64 = (0..keys)
-                    .map(|j| exps[j] / sum * v[(j * heads + h) * value_size + c] as f64)
-                    .sum();
-                out[(i * heads + h) * value_size + c] = value as f32;
+    let mut out = vec![0f32; windows * queries * heads * value_size];
+    for w in 0..windows {
+        let q = &q[w * queries * heads * key_size..];
+        let k = &k[w * keys * heads * key_size..];
+        let v = &v[w * keys * heads * value_size..];
+        let out = &mut out[w * queries * heads * value_size..];
+        for i in 0..queries {
+            for h in 0..heads {
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| {
+                        let dot = (0..key_size)
+                            .map(|d| {
+                                q[(i * heads + h) * key_size + d] as f64
+                                    * k[(j * heads + h) * key_size + d] as f64
+                            })
+                            .sum::<f64>();
+                        let added = bias.map_or(0.0, |(values, bias_windows)| {
+                            let window = if bias_windows == 1 { 0 } else { w };
+                            values[((window * heads + h) * queries + i) * keys + j] as f64
+                        });
+                        dot * scale as f64 + added
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for c in 0..value_size {
+                    let value: f64 = (0..keys)
+                        .map(|j| exps[j] / sum * v[(j * heads + h) * value_size + c] as f64)
+                        .sum();
+                    out[(i * heads + h) * value_size + c] = value as f32;
+                }
             }
         }
     }
@@ -61,6 +85,7 @@ struct Case {
 
 fn case((queries, keys, heads, key_size, value_size): (usize, usize, usize, usize, usize)) -> Case {
     let shape = Shape {
+        windows: 1,
         queries,
         keys,
         heads,
@@ -108,12 +133,66 @@ fn matches_the_definition_on_every_block_and_column_remainder() {
         } = case(sizes);
         for isa in Isa::available_float() {
             let mut out = vec![f32::NAN; expected.len()];
-            on_two_threads(|| attend(shape, scale, isa, &q, &k, &v, &mut out)).unwrap();
+            on_two_threads(|| attend(shape, scale, None, isa, &q, &k, &v, &mut out)).unwrap();
             for (got, want) in out.iter().zip(&expected) {
                 assert!(
                     (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
                     "{isa}, {shape:?}: {got} against {want}"
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn windows_and_a_bias_match_the_definition() {
+    // (windows, windows the bias covers: none, one for all, or one each), at a Swin's window
+    // sizes among others; the largest runs its windows on two threads.
+    for sizes in [
+        (5, 7, 2, 3, 9),
+        (16, 16, 2, 4, 4),
+        (49, 49, 2, 16, 16),
+        (36, 36, 4, 16, 16),
+    ] {
+        for (windows, bias_windows) in [
+            (1, None),
+            (1, Some(1)),
+            (4, Some(1)),
+            (4, Some(4)),
+            (3, None),
+        ] {
+            let (queries, keys, heads, key_size, value_size) = sizes;
+            let shape = Shape {
+                windows,
+                queries,
+                keys,
+                heads,
+                key_size,
+                value_size,
+            };
+            let q = values(windows * queries * heads * key_size, 1);
+            let k = values(windows * keys * heads * key_size, 2);
+            let v = values(windows * keys * heads * value_size, 3);
+            // A bias like a Swin's: small values, and -100 on some pairs, as its mask.
+            let bias: Option<Vec<f32>> = bias_windows.map(|w| {
+                values(w * heads * queries * keys, 4)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| if i % 7 == 3 { b - 100.0 } else { 0.1 * b })
+                    .collect()
+            });
+            let bias = bias.as_deref().zip(bias_windows);
+            let scale = 1.0 / (key_size as f32).sqrt();
+            let expected = reference_with_bias(shape, scale, bias, &q, &k, &v);
+            for isa in Isa::available_float() {
+                let mut out = vec![f32::NAN; expected.len()];
+                on_two_threads(|| attend(shape, scale, bias, isa, &q, &k, &v, &mut out)).unwrap();
+                for (got, want) in out.iter().zip(&expected) {
+                    assert!(
+                        (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                        "{isa}, {shape:?}, bias over {bias_windows:?}: {got} against {want}"
+                    );
+                }
             }
         }
     }
@@ -130,7 +209,7 @@ proptest::proptest! {
         let expected = reference(shape, scale, &q, &k, &v);
         for isa in Isa::available_float() {
             let mut out = vec![0.0; expected.len()];
-            attend(shape, scale, isa, &q, &k, &v, &mut out).unwrap();
+            attend(shape, scale, None, isa, &q, &k, &v, &mut out).unwrap();
             for (&got, &want) in out.iter().zip(&expected) {
                 proptest::prop_assert!(
                     crate::ops::properties::agrees(got, want as f64, 1e-5 * (1.0 + want.abs() as f64)),
@@ -155,6 +234,7 @@ fn random_case() -> impl proptest::strategy::Strategy<Value = (Shape, Vec<f32>, 
     )
         .prop_flat_map(|(queries, keys, heads, key_size, value_size, specials)| {
             let shape = Shape {
+                windows: 1,
                 queries,
                 keys,
                 heads,
@@ -185,7 +265,7 @@ fn a_nan_key_makes_its_heads_rows_nan_not_a_confident_answer() {
     let expected = reference(shape, scale, &q, &k, &v);
     for isa in Isa::available_float() {
         let mut out = vec![0.0; expected.len()];
-        attend(shape, scale, isa, &q, &k, &v, &mut out).unwrap();
+        attend(shape, scale, None, isa, &q, &k, &v, &mut out).unwrap();
         for (index, (got, want)) in out.iter().zip(&expected).enumerate() {
             let head = index / shape.value_size % shape.heads;
             if head == 0 {
