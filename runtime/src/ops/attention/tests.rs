@@ -1,8 +1,10 @@
 //! Tests of [`TokenMajorAttention`](super::TokenMajorAttention): every kernel against the
 //! definition, and the patterns it replaces.
 
+use super::fusion::einsum_form;
 use super::*;
 use crate::ops::rows::on_two_threads;
+use tract_onnx::tract_core::ops::einsum::EinSum;
 
 /// Attention in double precision, straight from the definition.
 fn reference(shape: Shape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
