@@ -120,7 +120,8 @@ fn swin_block(
         g.ints(&format!("{name}.{what}_shape"), &[values.len()], values)
     };
 
-    // Normalise, cut into windows (after the cyclic shift in a shifted block).
+    // Normalise and project to q, k and v on the whole grid (the projection acts on each token
+    // alone), then cut into windows, after the cyclic shift in a shifted block.
     let h = layer_norm(
         g,
         &format!("{name}.attention_norm"),
@@ -128,15 +129,17 @@ fn swin_block(
         &block.attention_norm,
         dim,
     );
-    let grid_shape = shape(g, "grid", vec![0, side as i64, side as i64, d]);
+    let a = format!("{name}.attn");
+    let qkv = linear_node(g, &format!("{a}.qkv"), &h, &attention.qkv, dim, 3 * dim);
+    let grid_shape = shape(g, "grid", vec![0, side as i64, side as i64, 3 * d]);
     let grid = g.node(
         "Reshape",
         &format!("{name}.grid"),
-        &[&h, &grid_shape],
+        &[&qkv, &grid_shape],
         vec![],
     );
     let grid = roll(g, &format!("{name}.shift"), &grid, side, shift, false);
-    let split_shape = shape(g, "windows_split", vec![0, n, w, n, w, d]);
+    let split_shape = shape(g, "windows_split", vec![0, n, w, n, w, 3 * d]);
     let split = g.node(
         "Reshape",
         &format!("{name}.windows_split"),
@@ -149,8 +152,8 @@ fn swin_block(
         &[&split],
         vec![("perm", Attr::Ints(vec![0, 1, 3, 2, 4, 5]))],
     );
-    let windows_shape = shape(g, "windows", vec![-1, tokens as i64, d]);
-    let windows = g.node(
+    let windows_shape = shape(g, "windows", vec![-1, tokens as i64, 3 * d]);
+    let qkv = g.node(
         "Reshape",
         &format!("{name}.windows"),
         &[&ordered, &windows_shape],
@@ -158,15 +161,6 @@ fn swin_block(
     );
 
     // Attention in each window.
-    let a = format!("{name}.attn");
-    let qkv = linear_node(
-        g,
-        &format!("{a}.qkv"),
-        &windows,
-        &attention.qkv,
-        dim,
-        3 * dim,
-    );
     let qkv_split = g.ints(&format!("{a}.qkv_split"), &[3], vec![d; 3]);
     let names = [
         format!("{a}.q_flat"),
@@ -278,21 +272,12 @@ fn swin_block(
         &[&context, &merge_heads],
         vec![],
     );
-    let attended = linear_node(
-        g,
-        &format!("{a}.output"),
-        &context,
-        &attention.output,
-        dim,
-        dim,
-    );
-
-    // Windows back into the grid (and the shift undone), then the residual.
+    // The context back into the grid (and the shift undone), projected, then the residual.
     let unsplit_shape = shape(g, "windows_unsplit", vec![-1, n, n, w, w, d]);
     let unsplit = g.node(
         "Reshape",
         &format!("{name}.windows_unsplit"),
-        &[&attended, &unsplit_shape],
+        &[&context, &unsplit_shape],
         vec![],
     );
     let reordered = g.node(
@@ -310,11 +295,19 @@ fn swin_block(
     );
     let grid = roll(g, &format!("{name}.unshift"), &grid, side, shift, true);
     let tokens_shape = shape(g, "tokens", vec![-1, (side * side) as i64, d]);
-    let attended = g.node(
+    let context = g.node(
         "Reshape",
         &format!("{name}.tokens"),
         &[&grid, &tokens_shape],
         vec![],
+    );
+    let attended = linear_node(
+        g,
+        &format!("{a}.output"),
+        &context,
+        &attention.output,
+        dim,
+        dim,
     );
     let x = g.node(
         "Add",

@@ -331,16 +331,22 @@ impl SwinBlock {
     pub fn forward_with_attention(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [batch, tokens, dim] = x.dims();
         let (side, window) = (self.side, self.attention.window);
-        let grid = self
-            .attention_norm
-            .forward(x.clone())
-            .reshape([batch, side, side, dim]);
-        let grid = roll(grid, self.shift, false);
-        let windows = partition(grid, window);
+        // The projections act on each token alone, so they run on the whole grid: only q, k
+        // and v are cut into windows, and only the context is put back.
+        let qkv = self
+            .attention
+            .qkv
+            .forward(self.attention_norm.forward(x.clone()))
+            .reshape([batch, side, side, 3 * dim]);
+        let windows = partition(roll(qkv, self.shift, false), window);
         let mask = (self.shift > 0).then(|| shift_mask(side, window, self.shift, &x.device()));
-        let (attended, weights) = self.attention.forward(windows, mask);
-        let grid = roll(merge_windows(attended, batch, side), self.shift, true);
-        let x = x + dropout::forward(&self.dropout, grid.reshape([batch, tokens, dim]));
+        let (context, weights) = self.attention.attend(windows, mask);
+        let grid = roll(merge_windows(context, batch, side), self.shift, true);
+        let attended = self
+            .attention
+            .output
+            .forward(grid.reshape([batch, tokens, dim]));
+        let x = x + dropout::forward(&self.dropout, attended);
         let hidden = self
             .activation
             .forward(self.hidden.forward(self.mlp_norm.forward(x.clone())));
@@ -394,20 +400,17 @@ impl WindowAttention {
             .permute([2, 0, 1])
     }
 
-    /// `windows` `[batch · W, N, C]` attended within each window; `mask` `[W, N, N]` added to
-    /// every head's scores of window `W`. Returns the output and the softmax weights.
-    pub fn forward(&self, windows: Tensor<3>, mask: Option<Tensor<3>>) -> (Tensor<3>, Tensor<4>) {
-        let [count, tokens, dim] = windows.dims();
-        let heads = self.heads;
+    /// The context of each window, before the output projection: `windows` holds q, k and v
+    /// side by side (`[batch · W, N, 3·C]`, the QKV projection cut into windows); `mask`
+    /// `[W, N, N]` is added to every head's scores of window `W`. Returns the context
+    /// `[batch · W, N, C]` and the softmax weights.
+    pub fn attend(&self, windows: Tensor<3>, mask: Option<Tensor<3>>) -> (Tensor<3>, Tensor<4>) {
+        let [count, tokens, width] = windows.dims();
+        let (heads, dim) = (self.heads, width / 3);
         let head_dim = dim / heads;
         let split_heads =
             |t: Tensor<3>| t.reshape([count, tokens, heads, head_dim]).swap_dims(1, 2);
-        let mut qkv = self
-            .qkv
-            .forward(windows)
-            .chunk(3, 2)
-            .into_iter()
-            .map(split_heads);
+        let mut qkv = windows.chunk(3, 2).into_iter().map(split_heads);
         let (q, k, v) = (
             qkv.next().unwrap(),
             qkv.next().unwrap(),
@@ -432,7 +435,7 @@ impl WindowAttention {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([count, tokens, dim]);
-        (self.output.forward(context), weights)
+        (context, weights)
     }
 }
 
