@@ -10,12 +10,12 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "web
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     /// A folder could not be listed.
-    #[error("cannot read dataset folder {path}: {source}")]
+    #[error("cannot read dataset folder {path}: {error}")]
     Io {
         /// The folder being listed.
         path: String,
         /// The underlying I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The root (the field) has no sub-folder holding an image.
     #[error("{0} has no class sub-folders with images (expected ROOT/<class>/<image>)")]
@@ -55,9 +55,9 @@ pub struct ImageFolder {
 impl ImageFolder {
     /// Class sub-folders with at least one image, sorted by name; their images sorted by path.
     pub fn scan(root: &Path) -> Result<Self, DatasetError> {
-        let io = |source| DatasetError::Io {
+        let io = |error| DatasetError::Io {
             path: root.display().to_string(),
-            source,
+            error,
         };
         let mut classes: Vec<(String, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(root).map_err(io)? {
@@ -120,9 +120,9 @@ pub fn images_under(root: &Path, max: usize) -> Result<Vec<PathBuf>, DatasetErro
     let mut files = image_files(root)?;
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        let io = |source| DatasetError::Io {
+        let io = |error| DatasetError::Io {
             path: dir.display().to_string(),
-            source,
+            error,
         };
         for entry in std::fs::read_dir(&dir).map_err(io)? {
             let entry = entry.map_err(io)?;
@@ -146,9 +146,9 @@ pub fn images_under(root: &Path, max: usize) -> Result<Vec<PathBuf>, DatasetErro
 }
 
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
-    let io = |source| DatasetError::Io {
+    let io = |error| DatasetError::Io {
         path: dir.display().to_string(),
-        source,
+        error,
     };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {

@@ -135,12 +135,12 @@ pub enum EvalError {
     #[error("no readable images in {0}")]
     Empty(String),
     /// A decoded image could not be classified; this ends the evaluation.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Classify {
         /// Path of the image.
         path: PathBuf,
         /// Why it could not be classified.
-        source: ClassifyError,
+        error: ClassifyError,
     },
 }
 
@@ -201,12 +201,12 @@ pub fn evaluate_folder(
     for (done, item) in folder.items.iter().enumerate() {
         match crate::decode_file(&item.path) {
             Ok(image) => {
-                let top = classifier
-                    .classify_frame(&image.frame())
-                    .map_err(|source| EvalError::Classify {
+                let top = classifier.classify_frame(&image.frame()).map_err(|error| {
+                    EvalError::Classify {
                         path: item.path.clone(),
-                        source,
-                    })?;
+                        error,
+                    }
+                })?;
                 confusion.add(item.label, top[0].class);
             }
             Err(error) => {

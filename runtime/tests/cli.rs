@@ -116,6 +116,12 @@ fn each_bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             "{args:?}: one line, got {err:?}"
         );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+        // The reason is said once: an error type that prints its source in its own message
+        // must not also hand it on as the source, which the error line prints again.
+        assert!(
+            err.matches("(os error").count() <= 1,
+            "{args:?}: the reason twice in {err:?}"
+        );
     }
 }
 

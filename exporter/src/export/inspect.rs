@@ -20,19 +20,16 @@ pub struct Inspection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path} is not an ONNX model ({reason})")]
     NotOnnx { path: String, reason: String },
 }
 
 pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
-    let bytes = std::fs::read(path).map_err(|source| InspectError::Io {
+    let bytes = std::fs::read(path).map_err(|error| InspectError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     let not_onnx = |reason: String| InspectError::NotOnnx {
         path: path.display().to_string(),

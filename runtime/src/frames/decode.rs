@@ -13,12 +13,12 @@ pub const MAX_DECODE_BYTES: u64 = 512 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         /// The file's path.
         path: String,
         /// The underlying I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The bytes are in no format the decoder knows, or use a feature of one it does not support.
     #[error("not a supported image ({0})")]
@@ -61,9 +61,9 @@ impl DecodedImage {
 
 /// Read and decode an image file, as [`decode_bytes`] does.
 pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
-    let bytes = std::fs::read(path).map_err(|source| DecodeError::Io {
+    let bytes = std::fs::read(path).map_err(|error| DecodeError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     decode_bytes(&bytes)
 }

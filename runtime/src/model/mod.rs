@@ -28,12 +28,12 @@ use tract_onnx::prelude::{
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// The model file (or a labels file) could not be read.
-    #[error("cannot read model {path}: {source}")]
+    #[error("cannot read model {path}: {error}")]
     Io {
         /// The file's path.
         path: String,
         /// The underlying I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The bytes are no ONNX protobuf, or hold no graph or a graph without nodes.
     #[error("not an ONNX model: {0}")]
@@ -119,9 +119,9 @@ pub struct ModelOptions {
 impl ModelOptions {
     /// Read a labels file: one class name per line, blank lines ignored.
     pub fn labels_from_file(path: &Path) -> Result<Vec<String>, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ModelError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Ok(text
             .lines()
@@ -167,9 +167,9 @@ const QUANTIZING_OPS: [&str; 5] = [
 impl Model {
     /// Load a model from an ONNX file, as [`Model::from_bytes`] does.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        let bytes = std::fs::read(path).map_err(|error| ModelError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Model::from_bytes(&bytes, options)
     }
