@@ -299,8 +299,8 @@ impl Explainer {
     fn prefix_tokens(&self, tokens: usize) -> Option<usize> {
         let square =
             |patches: usize| tokens > patches && PatchMap::new(vec![0.0; patches]).is_some();
-        let deit =
-            self.model().metadata.get(crate::metadata::ARCHITECTURE) == Some(&"deit".to_string());
+        let architecture = self.model().metadata.get(crate::metadata::ARCHITECTURE);
+        let deit = architecture.map(String::as_str) == Some("deit");
         match deit {
             true => square(tokens.checked_sub(2)?).then_some(2),
             false => [1, 2]

@@ -1,7 +1,7 @@
 //! `exporter inspect`: inputs, outputs, op histogram, parameter count and metadata of an ONNX
 //! file.
 
-use super::{element_count, op_histogram};
+use super::{float_values, op_histogram};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -82,12 +82,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
             .map(shape)
             .collect(),
         outputs: graph.output.iter().map(shape).collect(),
-        parameters: graph
-            .initializer
-            .iter()
-            .filter(|t| t.data_type == 1)
-            .map(element_count)
-            .sum(),
+        parameters: float_values(graph),
         op_histogram: op_histogram(graph),
         metadata: model
             .metadata_props

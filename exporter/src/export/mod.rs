@@ -175,12 +175,7 @@ pub fn export_bytes(
         path: PathBuf::new(),
         bytes: bytes.len(),
         opset,
-        parameters: graph
-            .initializer
-            .iter()
-            .filter(|t| t.data_type == 1)
-            .map(element_count)
-            .sum(),
+        parameters: float_values(graph),
         multiply_adds: config.model.multiply_adds(),
         op_histogram: op_histogram(graph),
         max_abs_diff,
@@ -256,8 +251,15 @@ fn bias_of(linear: &Linear, len: usize) -> Vec<f32> {
         .map_or_else(|| vec![0.0; len], |b| values(b.val()))
 }
 
-fn element_count(t: &runtime::tract_onnx::pb::TensorProto) -> usize {
-    t.dims.iter().product::<i64>().max(1) as usize
+/// Values in the graph's float initializers: the parameters `export` and `inspect` report.
+fn float_values(graph: &runtime::tract_onnx::pb::GraphProto) -> usize {
+    let float = runtime::tract_onnx::pb::tensor_proto::DataType::Float as i32;
+    graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == float)
+        .map(|t| t.dims.iter().product::<i64>().max(1) as usize)
+        .sum()
 }
 
 pub fn op_histogram(graph: &runtime::tract_onnx::pb::GraphProto) -> BTreeMap<String, usize> {

@@ -32,6 +32,14 @@ fn patchify(images: Tensor<4>, p: usize) -> Tensor<3> {
         .reshape([batch, rows * cols, p * p * channels])
 }
 
+/// The first of `fields` (name, value) that is 0, as an error naming it.
+fn check_positive(fields: &[(&str, usize)]) -> Result<(), ConfigError> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((name, _)) => Err(ConfigError(format!("{name} must be positive"))),
+        None => Ok(()),
+    }
+}
+
 /// The checks every architecture's head shares: dropout in [0, 1) and at least 2 classes.
 fn check_head(dropout: f64, num_classes: usize) -> Result<(), ConfigError> {
     if !(0.0..1.0).contains(&dropout) {

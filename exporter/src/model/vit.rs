@@ -38,7 +38,7 @@ pub struct ViTConfig {
 impl ViTConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        let positive = [
+        super::check_positive(&[
             ("image size", self.image_size),
             ("channels", self.channels),
             ("patch size", self.patch_size),
@@ -47,10 +47,7 @@ impl ViTConfig {
             ("heads", self.heads),
             ("MLP hidden size", self.mlp_dim),
             ("number of classes", self.num_classes),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return fail(format!("{name} must be positive"));
-        }
+        ])?;
         if !self.image_size.is_multiple_of(self.patch_size) {
             return fail(format!(
                 "image size {} is not divisible by patch size {}",
@@ -150,9 +147,7 @@ impl VisionTransformer {
     /// `[batch, channels, height, width]` normalised pixels → `[batch, classes]` logits; with
     /// a distillation token, the mean of the two heads' (what the export computes).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let tokens = self.embed(images);
-        let tokens = self.blocks.iter().fold(tokens, |x, block| block.forward(x));
-        self.mean_of_heads(self.heads(tokens))
+        self.mean_of_heads(self.forward_heads(images))
     }
 
     /// The class head's logits, and the distillation head's if the model has that token.

@@ -63,17 +63,14 @@ pub struct StageShape {
 impl SwinConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        let positive = [
+        super::check_positive(&[
             ("image size", self.image_size),
             ("channels", self.channels),
             ("patch size", self.patch_size),
             ("window size", self.window_size),
             ("embedding width", self.embed_dim),
             ("MLP ratio", self.mlp_ratio),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return fail(format!("{name} must be positive"));
-        }
+        ])?;
         if self.depths.is_empty() || self.depths.len() != self.heads.len() {
             return fail(format!(
                 "{} stage depths and {} head counts: one of each per stage",
@@ -219,24 +216,6 @@ impl SwinTransformer {
         let patches = super::patchify(images, self.patch_size);
         self.embedding_norm
             .forward(self.patch_embedding.forward(patches))
-    }
-
-    /// Logits, and each block's attention weights averaged over heads, per window
-    /// (`[batch · windows, window tokens, window tokens]`).
-    pub fn forward_with_attention(&self, images: Tensor<4>) -> (Tensor<2>, Vec<Tensor<3>>) {
-        let mut x = self.embed(images);
-        let mut maps = Vec::new();
-        for stage in &self.stages {
-            if let Some(merge) = &stage.merge {
-                x = merge.forward(x);
-            }
-            for block in &stage.blocks {
-                let (next, weights) = block.forward_with_attention(x);
-                maps.push(weights.mean_dim(1).squeeze_dim(1));
-                x = next;
-            }
-        }
-        (self.classify(x), maps)
     }
 
     fn classify(&self, x: Tensor<3>) -> Tensor<2> {

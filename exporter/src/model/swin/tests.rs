@@ -143,8 +143,21 @@ fn the_model_gives_batch_by_classes_logits_and_window_attention_maps() {
     let images = Tensor::<4>::random([2, 1, 16, 16], Distribution::Normal(0.0, 1.0), &device);
     let logits = ImageClassifier::forward(&model, images.clone());
     assert_eq!(logits.dims(), [2, 3]);
-    let (same, maps) = model.forward_with_attention(images);
-    same.to_data()
+    // The same pass block by block, keeping each block's weights averaged over heads.
+    let (mut x, mut maps) = (model.embed(images), Vec::new());
+    for stage in &model.stages {
+        if let Some(merge) = &stage.merge {
+            x = merge.forward(x);
+        }
+        for block in &stage.blocks {
+            let (next, weights) = block.forward_with_attention(x);
+            maps.push(weights.mean_dim(1).squeeze_dim::<3>(1));
+            x = next;
+        }
+    }
+    model
+        .classify(x)
+        .to_data()
         .assert_approx_eq::<f32>(&logits.to_data(), Default::default());
     // Stage 1: 4 windows of 16 tokens per image; stage 2: 1 window of 16.
     let shapes: Vec<[usize; 3]> = maps.iter().map(|m| m.dims()).collect();

@@ -109,6 +109,27 @@ fn case((queries, keys, heads, key_size, value_size): (usize, usize, usize, usiz
     }
 }
 
+/// Runs every f32 kernel on two threads and checks each output against `expected`.
+fn every_kernel_matches(
+    shape: Shape,
+    scale: f32,
+    bias: Option<(&[f32], usize)>,
+    [q, k, v]: [&[f32]; 3],
+    expected: &[f32],
+) {
+    for isa in Isa::available_float() {
+        let mut out = vec![f32::NAN; expected.len()];
+        on_two_threads(|| attend(shape, scale, bias, isa, q, k, v, &mut out)).unwrap();
+        for (got, want) in out.iter().zip(expected) {
+            assert!(
+                (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                "{isa}, {shape:?}, bias over {:?}: {got} against {want}",
+                bias.map(|(_, windows)| windows)
+            );
+        }
+    }
+}
+
 #[test]
 fn matches_the_definition_on_every_block_and_column_remainder() {
     // Tokens and sizes around ROWS and TILE, so partial blocks and tiles run.
@@ -133,16 +154,7 @@ fn matches_the_definition_on_every_block_and_column_remainder() {
             scale,
             expected,
         } = case(sizes);
-        for isa in Isa::available_float() {
-            let mut out = vec![f32::NAN; expected.len()];
-            on_two_threads(|| attend(shape, scale, None, isa, &q, &k, &v, &mut out)).unwrap();
-            for (got, want) in out.iter().zip(&expected) {
-                assert!(
-                    (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
-                    "{isa}, {shape:?}: {got} against {want}"
-                );
-            }
-        }
+        every_kernel_matches(shape, scale, None, [&q, &k, &v], &expected);
     }
 }
 
@@ -186,16 +198,7 @@ fn windows_and_a_bias_match_the_definition() {
             let bias = bias.as_deref().zip(bias_windows);
             let scale = 1.0 / (key_size as f32).sqrt();
             let expected = reference_with_bias(shape, scale, bias, &q, &k, &v);
-            for isa in Isa::available_float() {
-                let mut out = vec![f32::NAN; expected.len()];
-                on_two_threads(|| attend(shape, scale, bias, isa, &q, &k, &v, &mut out)).unwrap();
-                for (got, want) in out.iter().zip(&expected) {
-                    assert!(
-                        (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
-                        "{isa}, {shape:?}, bias over {bias_windows:?}: {got} against {want}"
-                    );
-                }
-            }
+            every_kernel_matches(shape, scale, bias, [&q, &k, &v], &expected);
         }
     }
 }
