@@ -4,7 +4,7 @@
 //! the scores.
 
 use super::onnx_graph::{Attr, Dim, GraphBuilder};
-use super::vit::{Gelu, layer_norm, linear_node, patch_embedding};
+use super::vit::{Gelu, layer_norm, linear_node, merge_heads, patch_embedding, split_heads};
 use super::{bias_of, values};
 use crate::model::swin::{SwinBlock, shift_mask_values};
 use crate::model::{SwinConfig, SwinTransformer};
@@ -162,37 +162,8 @@ fn swin_block(
 
     // Attention in each window.
     let qkv_split = g.ints(&format!("{a}.qkv_split"), &[3], vec![d; 3]);
-    let names = [
-        format!("{a}.q_flat"),
-        format!("{a}.k_flat"),
-        format!("{a}.v_flat"),
-    ];
-    let outputs: Vec<&str> = names.iter().map(String::as_str).collect();
-    g.node_multi(
-        "Split",
-        &format!("{a}.split"),
-        &[&qkv, &qkv_split],
-        &outputs,
-        vec![("axis", Attr::Int(2))],
-    );
     let heads_shape = shape(g, "attn.heads", vec![0, 0, heads as i64, head_dim as i64]);
-    let mut heads_of = |which: &str, flat: &str, perm: Vec<i64>| {
-        let r = g.node(
-            "Reshape",
-            &format!("{a}.{which}_heads"),
-            &[flat, &heads_shape],
-            vec![],
-        );
-        g.node(
-            "Transpose",
-            &format!("{a}.{which}"),
-            &[&r],
-            vec![("perm", Attr::Ints(perm))],
-        )
-    };
-    let q = heads_of("q", &names[0], vec![0, 2, 1, 3]);
-    let k = heads_of("k_t", &names[1], vec![0, 2, 3, 1]);
-    let v = heads_of("v", &names[2], vec![0, 2, 1, 3]);
+    let [q, k, v] = split_heads(g, &a, &qkv, &qkv_split, &heads_shape);
     let scale = g.weight(
         &format!("{a}.scale"),
         &[],
@@ -259,19 +230,8 @@ fn swin_block(
         vec![("axis", Attr::Int(-1))],
     );
     let context = g.node("MatMul", &format!("{a}.context"), &[&weights, &v], vec![]);
-    let context = g.node(
-        "Transpose",
-        &format!("{a}.context_tokens"),
-        &[&context],
-        vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-    );
-    let merge_heads = shape(g, "attn.merge", vec![0, 0, d]);
-    let context = g.node(
-        "Reshape",
-        &format!("{a}.merge_heads"),
-        &[&context, &merge_heads],
-        vec![],
-    );
+    let merge_shape = shape(g, "attn.merge", vec![0, 0, d]);
+    let context = merge_heads(g, &a, &context, &merge_shape);
     // The context back into the grid (and the shift undone), projected, then the residual.
     let unsplit_shape = shape(g, "windows_unsplit", vec![-1, n, n, w, w, d]);
     let unsplit = g.node(

@@ -17,12 +17,12 @@ pub(super) fn build_graph(
     let mut g = GraphBuilder::with_image_input("vit", c, s);
 
     // Shared constants.
-    let split_heads = g.ints(
+    let split_heads_shape = g.ints(
         "const.heads_shape",
         &[4],
         vec![0, 0, heads as i64, head_dim as i64],
     );
-    let merge_heads = g.ints("const.merge_shape", &[3], vec![0, 0, d as i64]);
+    let merge_heads_shape = g.ints("const.merge_shape", &[3], vec![0, 0, d as i64]);
     let qkv_split = g.ints("const.qkv_split", &[3], vec![d as i64; 3]);
     let cls_tail = g.ints("const.cls_tail_shape", &[2], vec![1, d as i64]);
     let scale = g.weight(
@@ -92,36 +92,13 @@ pub(super) fn build_graph(
             d,
             3 * d,
         );
-        let names = [
-            format!("{b}.attn.q_flat"),
-            format!("{b}.attn.k_flat"),
-            format!("{b}.attn.v_flat"),
-        ];
-        let outputs: Vec<&str> = names.iter().map(String::as_str).collect();
-        g.node_multi(
-            "Split",
-            &format!("{b}.attn.split"),
-            &[&qkv, &qkv_split],
-            &outputs,
-            vec![("axis", Attr::Int(2))],
+        let [q, k, vv] = split_heads(
+            &mut g,
+            &format!("{b}.attn"),
+            &qkv,
+            &qkv_split,
+            &split_heads_shape,
         );
-        let mut heads_of = |which: &str, flat: &str, perm: Vec<i64>| {
-            let r = g.node(
-                "Reshape",
-                &format!("{b}.attn.{which}_heads"),
-                &[flat, &split_heads],
-                vec![],
-            );
-            g.node(
-                "Transpose",
-                &format!("{b}.attn.{which}"),
-                &[&r],
-                vec![("perm", Attr::Ints(perm))],
-            )
-        };
-        let q = heads_of("q", &names[0], vec![0, 2, 1, 3]);
-        let k = heads_of("k_t", &names[1], vec![0, 2, 3, 1]);
-        let vv = heads_of("v", &names[2], vec![0, 2, 1, 3]);
         let scores = g.node("MatMul", &format!("{b}.attn.scores"), &[&q, &k], vec![]);
         let scores = g.node(
             "Mul",
@@ -158,18 +135,7 @@ pub(super) fn build_graph(
             &[&weights, &vv],
             vec![],
         );
-        let context = g.node(
-            "Transpose",
-            &format!("{b}.attn.context_tokens"),
-            &[&context],
-            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-        );
-        let context = g.node(
-            "Reshape",
-            &format!("{b}.attn.merge_heads"),
-            &[&context, &merge_heads],
-            vec![],
-        );
+        let context = merge_heads(&mut g, &format!("{b}.attn"), &context, &merge_heads_shape);
         let attended = linear_node(
             &mut g,
             &format!("{b}.attn.output"),
@@ -257,6 +223,66 @@ pub(super) fn build_graph(
         g.output(map, &shape);
     }
     g
+}
+
+/// q `[b, h, t, s]`, kᵀ `[b, h, s, t]` and v `[b, h, t, s]` from a `[b, t, 3·d]` QKV product,
+/// in the layout the runtime's attention fusion recognises. `a` names the block's attention.
+pub(super) fn split_heads(
+    g: &mut GraphBuilder,
+    a: &str,
+    qkv: &str,
+    qkv_split: &str,
+    heads_shape: &str,
+) -> [String; 3] {
+    let flat = ["q", "k", "v"].map(|which| format!("{a}.{which}_flat"));
+    let outputs: Vec<&str> = flat.iter().map(String::as_str).collect();
+    g.node_multi(
+        "Split",
+        &format!("{a}.split"),
+        &[qkv, qkv_split],
+        &outputs,
+        vec![("axis", Attr::Int(2))],
+    );
+    let mut heads_of = |which: &str, flat: &str, perm: Vec<i64>| {
+        let r = g.node(
+            "Reshape",
+            &format!("{a}.{which}_heads"),
+            &[flat, heads_shape],
+            vec![],
+        );
+        g.node(
+            "Transpose",
+            &format!("{a}.{which}"),
+            &[&r],
+            vec![("perm", Attr::Ints(perm))],
+        )
+    };
+    [
+        heads_of("q", &flat[0], vec![0, 2, 1, 3]),
+        heads_of("k_t", &flat[1], vec![0, 2, 3, 1]),
+        heads_of("v", &flat[2], vec![0, 2, 1, 3]),
+    ]
+}
+
+/// The heads' context `[b, h, t, s]` back into tokens `[b, t, h·s]`.
+pub(super) fn merge_heads(
+    g: &mut GraphBuilder,
+    a: &str,
+    context: &str,
+    merge_shape: &str,
+) -> String {
+    let context = g.node(
+        "Transpose",
+        &format!("{a}.context_tokens"),
+        &[context],
+        vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+    );
+    g.node(
+        "Reshape",
+        &format!("{a}.merge_heads"),
+        &[&context, merge_shape],
+        vec![],
+    )
 }
 
 pub(super) fn linear_node(
