@@ -270,6 +270,7 @@ fn a_vit_distils_from_a_cnn_run_resumes_exactly_and_refuses_a_foreign_teacher() 
     };
     let straight = training::train(student(), &dir.path().join("straight"), &mut ()).unwrap();
     assert!(straight.epochs.iter().all(|m| m.teacher_seconds.is_some()));
+    each_image_gets_its_own_teacher_logits(&straight.run_dir);
     let run = dir.path().join("resumed");
     train_first_epoch(student(), &run);
     let config: training::TrainingConfig =
@@ -317,6 +318,46 @@ fn a_vit_distils_from_a_cnn_run_resumes_exactly_and_refuses_a_foreign_teacher() 
     .unwrap_err();
     assert!(error.to_string().contains("names the classes"), "{error}");
     assert!(!refused.exists());
+}
+
+/// The teacher runs a batch in short runs spread over the cores: a batch that is not a multiple
+/// of the run length gives each image the logits it gets alone, in the batch's order.
+fn each_image_gets_its_own_teacher_logits(run: &Path) {
+    use burn::tensor::{Distribution, Tensor};
+    let config: training::TrainingConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let file = run.join(training::distill::TEACHER_FILE);
+    let mut teacher = training::distill::Teacher::new(
+        std::fs::read(&file).unwrap(),
+        &file,
+        &config.preprocess,
+        &config.classes,
+    )
+    .unwrap();
+    let images = 11;
+    let batch = Tensor::<4>::random(
+        [images, 1, 16, 16],
+        Distribution::Normal(0.0, 1.0),
+        &exporter::backend::device(),
+    );
+    let together = teacher
+        .logits(&batch)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let classes = together.len() / images;
+    for i in 0..images {
+        let alone = teacher.logits(&batch.clone().narrow(0, i, 1)).unwrap();
+        let alone = alone.into_data().try_to_vec::<f32>().unwrap();
+        let in_batch = &together[i * classes..(i + 1) * classes];
+        for (a, b) in alone.iter().zip(in_batch) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                "image {i}: {alone:?} against {in_batch:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -13,6 +13,7 @@
 use super::TrainError;
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
+use rayon::prelude::*;
 use runtime::PreprocessConfig;
 use runtime::tract_onnx::prelude::{
     DatumExt, Framework, InferenceModelExt, IntoRunnable, Tensor as TractTensor,
@@ -22,6 +23,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Images per run of the teacher. tract's convolutions at the training batch (128) spent most
+/// of their time filling im2col buffers of over 100 MB; short runs, one per core, keep them
+/// in cache (docs/training.md has the figures).
+const TEACHER_RUN: usize = 4;
 
 /// The teacher's copy in a run folder.
 pub const TEACHER_FILE: &str = "teacher.onnx";
@@ -61,8 +67,8 @@ pub fn fingerprint(bytes: &[u8]) -> String {
     format!("{hash:016x}")
 }
 
-/// A teacher loaded for a run: tract plans by batch size (the full batch and the last, short
-/// one), logits only.
+/// A teacher loaded for a run: tract plans by the number of images in a run ([`TEACHER_RUN`],
+/// and what is left at the end of a batch), logits only.
 pub struct Teacher {
     bytes: Arc<Vec<u8>>,
     shape: [usize; 3],
@@ -129,8 +135,8 @@ impl Teacher {
                 )));
             }
         }
-        // tract's matrix products on every core: the teacher runs between the student's steps.
-        runtime::set_threads(0).map_err(|e| refuse(e.to_string()))?;
+        // Each run of the teacher on one thread: the runs themselves go to every core.
+        runtime::set_threads(1).map_err(|e| refuse(e.to_string()))?;
         let (size, channels) = (preprocess.image_size as usize, preprocess.channels as usize);
         let text = |key: &str| meta.get(key).map(|v| v.to_string());
         let mut teacher = Teacher {
@@ -172,7 +178,8 @@ impl Teacher {
         Ok(&self.plans[&batch])
     }
 
-    /// The teacher's logits for `images` (`[batch, C, H, W]`, the student's very input).
+    /// The teacher's logits for `images` (`[batch, C, H, W]`, the student's very input), in runs
+    /// of [`TEACHER_RUN`] images spread over the cores, each chunk on the calling thread's tract.
     pub fn logits(&mut self, images: &Tensor<4>) -> Result<Tensor<2>, TrainError> {
         let [batch, c, h, w] = images.dims();
         let pixels: Vec<f32> = images
@@ -181,24 +188,38 @@ impl Teacher {
             .convert::<f32>()
             .try_into_vec::<f32>()
             .expect("float pixels");
-        let classes = self.classes;
         let failed = |e: String| TrainError::Invalid(format!("the teacher failed: {e}"));
-        let plan = self.plan(batch).map_err(failed)?;
-        let input = TractTensor::from_shape(&[batch, c, h, w], &pixels)
-            .map_err(|e| failed(e.to_string()))?;
-        let outputs = plan
-            .run(tvec!(input.into()))
-            .map_err(|e| failed(format!("{e:#}")))?;
-        let logits = outputs[0]
-            .to_plain_array_view::<f32>()
-            .map_err(|e| failed(e.to_string()))?;
-        if logits.len() != batch * classes {
-            return Err(failed(format!(
-                "{} logits for {batch} images of {classes} classes",
-                logits.len()
-            )));
+        for len in [TEACHER_RUN.min(batch), batch % TEACHER_RUN] {
+            if len > 0 {
+                self.plan(len).map_err(failed)?;
+            }
         }
-        let values: Vec<f32> = logits.iter().copied().collect();
+        let (plans, classes, per_image) = (&self.plans, self.classes, c * h * w);
+        let chunks: Vec<Result<Vec<f32>, String>> = pixels
+            .par_chunks(TEACHER_RUN * per_image)
+            .map(|chunk| {
+                let images = chunk.len() / per_image;
+                let input = TractTensor::from_shape(&[images, c, h, w], chunk)
+                    .map_err(|e| e.to_string())?;
+                let outputs = plans[&images]
+                    .run(tvec!(input.into()))
+                    .map_err(|e| format!("{e:#}"))?;
+                let logits = outputs[0]
+                    .to_plain_array_view::<f32>()
+                    .map_err(|e| e.to_string())?;
+                if logits.len() != images * classes {
+                    return Err(format!(
+                        "{} logits for {images} images of {classes} classes",
+                        logits.len()
+                    ));
+                }
+                Ok(logits.iter().copied().collect())
+            })
+            .collect();
+        let mut values = Vec::with_capacity(batch * classes);
+        for chunk in chunks {
+            values.extend(chunk.map_err(failed)?);
+        }
         Ok(Tensor::from_data(
             TensorData::new(values, [batch, classes]),
             &images.device(),
