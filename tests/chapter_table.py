@@ -12,8 +12,10 @@ onnxruntime comes from .venv-peers (see tests/peers_bench.py); without it that c
 Prints a Markdown table, and writes every figure to WORK_DIR/table.json.
 """
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -133,6 +135,27 @@ def markdown(models, timed):
     return "\n".join(rows)
 
 
+def host():
+    """The CPU's model name and the ISA extensions the runtime's kernels choose from."""
+    name, flags, family = platform.processor() or platform.machine(), set(), {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() in ("cpu family", "model"):
+                    family[key.strip()] = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "asimddp", "fphp"]
+    if family:
+        name += f" family {family.get('cpu family')} model {family.get('model')}"
+    return f"{name} ({', '.join(flag for flag in wanted if flag in flags)}), {os.cpu_count()} CPUs"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--test", required=True, help="folder-per-class test images")
@@ -151,8 +174,10 @@ def main():
         models.append(measure_model(name, run_dir, args.test, args.out))
     if not args.accuracy_only:
         time_models(models, args.rounds, args.runs)
+    measured = {"host": host(), "date": datetime.date.today().isoformat(), "models": models}
     with open(os.path.join(args.out, "table.json"), "w") as table:
-        json.dump(models, table, indent=2)
+        json.dump(measured, table, indent=2)
+    print(f"{measured['host']}, {measured['date']}\n")
     print(markdown(models, not args.accuracy_only))
 
 
