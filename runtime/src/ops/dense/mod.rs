@@ -330,11 +330,12 @@ pub(crate) fn fuse_products<P, O: TypedOp>(
         let Some(found) = find(model, einsum)? else {
             continue;
         };
-        let last = model.outlet_fact(OutletId::new(found.last, 0))?;
-        let Some(output_shape) = last.shape.as_concrete().map(TVec::from) else {
+        let last = through_row_reshape(model, found.last)?;
+        let last_fact = model.outlet_fact(OutletId::new(last, 0))?;
+        let Some(output_shape) = last_fact.shape.as_concrete().map(TVec::from) else {
             continue;
         };
-        let tail = tail_after(model, found.last, found.width)?;
+        let tail = tail_after(model, last, found.width)?;
         let bias = tail
             .bias
             .as_ref()
@@ -350,6 +351,22 @@ pub(crate) fn fuse_products<P, O: TypedOp>(
         model.compact()?;
     }
     Ok(fused)
+}
+
+/// `node`, or the Reshape that is its only use if that only regroups the rows (the last axis
+/// untouched): the values' order is the same, so the operator writes the reshaped tensor and
+/// takes in the bias, GELU and residual after it. tract puts such a Reshape between a Swin's
+/// output projection and its bias, when it folds the token grid into a token axis.
+fn through_row_reshape(model: &TypedModel, node: usize) -> TractResult<usize> {
+    let Some(next) = model.single_succ(node)? else {
+        return Ok(node);
+    };
+    let rank = model.outlet_fact(OutletId::new(node, 0))?.rank();
+    let regroups_rows = match next.op_as::<AxisOp>() {
+        Some(AxisOp::Reshape(at, from, _)) => at + from.len() < rank,
+        _ => false,
+    };
+    Ok(if regroups_rows { next.id } else { node })
 }
 
 /// What a dense operator takes in after its product: the bias Add, the GELU and the residual

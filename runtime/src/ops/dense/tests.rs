@@ -145,6 +145,8 @@ struct Layer<'a> {
     x: &'a [usize],
     w: &'a [usize],
     axes: &'a str,
+    /// A Reshape after the product: `(at, from, to)`.
+    reshape: Option<(usize, &'a [usize], &'a [usize])>,
     bias: Option<&'a [usize]>,
     gelu: bool,
     residual: bool,
@@ -165,6 +167,11 @@ impl Layer<'_> {
         let w = constant(&mut model, "w", self.w, 7);
         let op = EinSum::new(self.axes.parse().unwrap(), f32::datum_type());
         let mut y = model.wire_node("product", op, &[x, w]).unwrap()[0];
+        if let Some((at, from, to)) = self.reshape {
+            let dims = |dims: &[usize]| dims.iter().map(|&d| d.to_dim()).collect();
+            let reshape = AxisOp::Reshape(at, dims(from), dims(to));
+            y = model.wire_node("reshape", reshape, &[y]).unwrap()[0];
+        }
         let add = tract_onnx::tract_core::ops::math::add;
         if let Some(shape) = self.bias {
             let bias = constant(&mut model, "b", shape, 8);
@@ -285,6 +292,26 @@ fn products_by_a_constant_are_fused_with_what_follows() {
         ..gemm
     };
     assert_eq!(by_row.fused(), ["64x48"]);
+    // A Swin's output projection: the token grid folded into a token axis between the
+    // product and its bias.
+    let swin_projection = Layer {
+        x: &[1, 14, 14, 32],
+        w: &[32, 32],
+        axes: "abmk,kn->abmn",
+        reshape: Some((1, &[14, 14], &[196])),
+        bias: Some(&[1, 1, 32]),
+        residual: true,
+        ..Layer::default()
+    };
+    assert_eq!(swin_projection.fused(), ["32x32, + residual"]);
+    // A Reshape that splits the last axis keeps the bias out of the operator.
+    let split_columns = Layer {
+        reshape: Some((3, &[32], &[4, 8])),
+        bias: Some(&[1, 1, 1, 4, 8]),
+        residual: false,
+        ..swin_projection
+    };
+    assert_eq!(split_columns.fused(), ["32x32"]);
     // A batch axis in W: tract's.
     let batched = Layer {
         x: &[2, 17, 8],
