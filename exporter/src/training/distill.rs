@@ -27,7 +27,7 @@ use std::sync::Arc;
 /// Images per run of the teacher. tract's convolutions at the training batch (128) spent most
 /// of their time filling im2col buffers of over 100 MB; short runs, one per core, keep them
 /// in cache (docs/training.md has the figures).
-const TEACHER_RUN: usize = 4;
+pub const TEACHER_RUN: usize = 4;
 
 /// The teacher's copy in a run folder.
 pub const TEACHER_FILE: &str = "teacher.onnx";
