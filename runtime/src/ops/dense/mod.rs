@@ -274,8 +274,10 @@ fn in_order_arm_core() -> bool {
 /// `amk,kn->mn`, the output projection's `mbk,bkn->amn` (heads and head size contracted
 /// together), torch's `MatMul`s, and its `Gemm`s, whose W is `[n, contracted]`.
 pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
+    let reordered = fuse_reordering_products(model, isa)?;
     let find = |model: &TypedModel, einsum: usize| {
-        let linear = linear_form(model, einsum, f32::datum_type())?;
+        let in_order = |linear: &Linear| linear.reordered_rows.is_none();
+        let linear = linear_form(model, einsum, f32::datum_type())?.filter(in_order);
         Ok(linear.map(|linear| Found {
             x: model.node(einsum).inputs[0],
             last: einsum,
@@ -298,6 +300,97 @@ pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
         op.residual = tail.residual.is_some();
         Ok(op)
     })
+    .map(|in_order| in_order + reordered)
+}
+
+/// A product that also reorders its rows, as when tract folds a Swin's window merge into its
+/// output projection: [`DenseLinear`] computes it in x's row order, with the bias and GELU that
+/// follow it (past Reshapes that leave the last axis alone), and tract's axis moves put the
+/// rows in order after it. The residual stays tract's Add. Returns how many were replaced.
+fn fuse_reordering_products(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
+    let einsums: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|node| node.op_is::<EinSum>())
+        .map(|node| node.id)
+        .collect();
+    let mut fused = 0;
+    for einsum in einsums {
+        let Some(linear) = linear_form(model, einsum, f32::datum_type())? else {
+            continue;
+        };
+        let Some((x_rows, places)) = linear.reordered_rows.clone() else {
+            continue;
+        };
+        let mut last = einsum;
+        while let Some(next) = Some(through_row_reshape(model, last)?).filter(|&n| n != last) {
+            last = next;
+        }
+        let bias = bias_after(model, last, linear.width)?;
+        let last = bias.as_ref().map_or(last, |&(_, add)| add);
+        let gelu = model
+            .single_succ(last)?
+            .filter(|next| is_f32_gelu(next))
+            .map(|next| next.id);
+        let last = gelu.unwrap_or(last);
+        let Some(final_shape) = model
+            .outlet_fact(OutletId::new(last, 0))?
+            .shape
+            .as_concrete()
+        else {
+            continue;
+        };
+        let final_shape: TVec<usize> = final_shape.into();
+        let bias = bias.map(|(bias, _)| bias);
+        let bias_ram = bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
+        let bias_values = bias_ram.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
+        let weight = linear.weight.try_as_plain_ram()?;
+        let mut in_x_order = x_rows.clone();
+        in_x_order.push(linear.width);
+        let mut op = DenseLinear::new(
+            isa,
+            weight.as_slice::<f32>()?,
+            linear.transposed,
+            bias_values,
+            linear.depth,
+            linear.width,
+            in_x_order.clone(),
+        )?;
+        op.gelu = gelu.is_some();
+        let name = model.node(einsum).name.clone();
+        let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense layer"));
+        let x = patch.tap_model(model, model.node(einsum).inputs[0])?;
+        let mut wire = patch.wire_node(&name, op, &[x])?[0];
+        // Move each output row axis into place, in the output's order.
+        let mut order: TVec<usize> = (0..x_rows.len()).collect();
+        for (target, &axis) in places.iter().enumerate() {
+            let from = order
+                .iter()
+                .position(|&a| a == axis)
+                .expect("a permutation");
+            if from != target {
+                let moved = order.remove(from);
+                order.insert(target, moved);
+                let op = AxisOp::Move(from, target);
+                wire = patch.wire_node(format!("{name}.row_order.{target}"), op, &[wire])?[0];
+            }
+        }
+        let dims = |shape: &[usize]| shape.iter().map(|&d| d.to_dim()).collect();
+        let ordered: TVec<usize> = places
+            .iter()
+            .map(|&axis| x_rows[axis])
+            .chain([linear.width])
+            .collect();
+        let reshape = AxisOp::Reshape(0, dims(&ordered), dims(&final_shape));
+        wire = patch.wire_node(format!("{name}.shape"), reshape, &[wire])?[0];
+        patch.shunt_outside(model, last.into(), wire)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
 }
 
 /// A product by constant weights that a fusion found at an EinSum.
@@ -425,6 +518,10 @@ pub(crate) struct Linear {
     pub(crate) transposed: bool,
     pub(crate) depth: usize,
     pub(crate) width: usize,
+    /// When the product also reorders its rows (tract folds a transpose, such as a Swin's
+    /// window merge, into it): x's row sizes in x's order, and for each of the output's row
+    /// axes its place among them.
+    pub(crate) reordered_rows: Option<(TVec<usize>, TVec<usize>)>,
 }
 
 /// `einsum` as a linear layer if it is an f32 `x W` (see [`fuse_dense`]), or with
@@ -474,8 +571,21 @@ pub(crate) fn linear_form(
     let Some((&(n, width), rows)) = y.split_last() else {
         return Ok(None);
     };
-    let Some(contracted) = x.strip_prefix(rows) else {
+    if x.len() <= rows.len() {
         return Ok(None);
+    }
+    let (x_rows, contracted) = x.split_at(rows.len());
+    let reordered_rows = if x_rows == rows {
+        None
+    } else {
+        let places: Option<TVec<usize>> = rows
+            .iter()
+            .map(|axis| x_rows.iter().position(|a| a == axis))
+            .collect();
+        let Some(places) = places else {
+            return Ok(None);
+        };
+        Some((x_rows.iter().map(|&(_, dim)| dim).collect(), places))
     };
     let transposed = if w.split_last() == Some((&(n, width), contracted)) {
         false
@@ -489,6 +599,7 @@ pub(crate) fn linear_form(
         transposed,
         depth: contracted.iter().map(|&(_, dim)| dim).product(),
         width,
+        reordered_rows,
     }))
 }
 

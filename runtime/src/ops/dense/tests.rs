@@ -312,6 +312,26 @@ fn products_by_a_constant_are_fused_with_what_follows() {
         ..swin_projection
     };
     assert_eq!(split_columns.fused(), ["32x32"]);
+    // A product that also reorders its rows (tract folds a Swin's window merge into its
+    // output projection): ours in x's row order, with the bias and GELU past the Reshape, and
+    // the rows moved into order after it; the residual stays tract's.
+    let window_merge = Layer {
+        x: &[2, 2, 7, 7, 32],
+        w: &[32, 32],
+        axes: "dcbmk,kn->adbcmn",
+        reshape: Some((1, &[2, 7, 2, 7], &[196])),
+        bias: Some(&[1, 1, 32]),
+        gelu: true,
+        residual: true,
+    };
+    assert_eq!(window_merge.fused(), ["32x32, GELU"]);
+    let transposed_rows = Layer {
+        x: &[3, 5, 8],
+        w: &[8, 4],
+        axes: "bmk,kn->mbn",
+        ..Layer::default()
+    };
+    assert_eq!(transposed_rows.fused(), ["8x4"]);
     // A batch axis in W: tract's.
     let batched = Layer {
         x: &[2, 17, 8],

@@ -103,7 +103,9 @@ fn integer_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Foun
             return Ok(None);
         }
     }
-    let Some(linear) = linear_form(model, einsum, i8::datum_type())? else {
+    // Products that also reorder their rows stay f32.
+    let in_order = |linear: &Linear| linear.reordered_rows.is_none();
+    let Some(linear) = linear_form(model, einsum, i8::datum_type())?.filter(in_order) else {
         return Ok(None);
     };
     let Some(cast) = model.single_succ(einsum)? else {
@@ -190,7 +192,8 @@ fn qdq_product(model: &TypedModel, einsum: usize) -> TractResult<Option<Found<In
         }
         _ => node.inputs[0],
     };
-    let Some(linear) = linear_form(model, einsum, f32::datum_type())? else {
+    let in_order = |linear: &Linear| linear.reordered_rows.is_none();
+    let Some(linear) = linear_form(model, einsum, f32::datum_type())?.filter(in_order) else {
         return Ok(None);
     };
     let values = linear.weight.try_as_plain_ram()?.as_slice::<f32>()?;
