@@ -9,7 +9,7 @@
 //! inverse-deviation outputs) keep tract's own expansion.
 
 use crate::ops::Isa;
-use crate::ops::patterns::{constant_operand, is_bin};
+use crate::ops::patterns::{constant_operand, is_bin, nodes_with_op};
 use crate::ops::rows::{LANES, update_rows};
 use std::sync::OnceLock;
 use tract_onnx::model::{Onnx, ParsingContext};
@@ -184,12 +184,7 @@ impl TypedOp for LastAxisLayerNorm {
 /// then a Mul by a constant scale and an Add of a constant bias, each optional (tract drops
 /// a scale of ones and a bias of zeros), each the only use of the one before.
 pub fn fuse_decomposed(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
-    let norms: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|node| node.op_is::<RmsNorm>())
-        .map(|node| node.id)
-        .collect();
+    let norms = nodes_with_op::<RmsNorm>(model);
     let mut fused = 0;
     for norm in norms {
         let Some(found) = match_decomposed(model, norm)? else {

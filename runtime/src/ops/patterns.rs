@@ -3,6 +3,16 @@
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 
+/// The ids of the nodes whose operator is an `O`, in the model's order: where a fusion looks.
+pub(crate) fn nodes_with_op<O: Op>(model: &TypedModel) -> Vec<usize> {
+    model
+        .nodes()
+        .iter()
+        .filter(|node| node.op_is::<O>())
+        .map(|node| node.id)
+        .collect()
+}
+
 /// Whether `node` is the binary operator `name` (Add, Mul, Sub…) of two inputs.
 pub(crate) fn is_bin(node: &TypedNode, name: &str) -> bool {
     node.op_as::<TypedBinOp>()

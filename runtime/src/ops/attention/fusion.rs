@@ -3,7 +3,7 @@
 
 use super::{Bias, TokenMajorAttention, kernel};
 use crate::ops::Isa;
-use crate::ops::patterns::{constant_operand, is_bin};
+use crate::ops::patterns::{constant_operand, is_bin, nodes_with_op};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -31,12 +31,7 @@ struct Core {
 /// q, k and v are `[tokens, 1, heads, d]` slices of the fused QKV output: unit axes summed away
 /// are dropped before matching, and removed from the operands.
 pub fn fuse_attention(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
-    let softmaxes: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|node| node.op_is::<Softmax>())
-        .map(|node| node.id)
-        .collect();
+    let softmaxes = nodes_with_op::<Softmax>(model);
     let mut fused = 0;
     for softmax in softmaxes {
         let Some(core) = match_core(model, softmax)? else {

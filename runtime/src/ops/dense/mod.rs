@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::ops::patterns::is_bin;
+use crate::ops::patterns::{is_bin, nodes_with_op};
 use crate::ops::rows::for_each_share;
 use crate::ops::{AlignedBuffer, Isa};
 use tract_onnx::tract_core::internal::*;
@@ -308,12 +308,7 @@ pub fn fuse_dense(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
 /// follow it (past Reshapes that leave the last axis alone), and tract's axis moves put the
 /// rows in order after it. The residual stays tract's Add. Returns how many were replaced.
 fn fuse_reordering_products(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
-    let einsums: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|node| node.op_is::<EinSum>())
-        .map(|node| node.id)
-        .collect();
+    let einsums = nodes_with_op::<EinSum>(model);
     let mut fused = 0;
     for einsum in einsums {
         let Some(linear) = linear_form(model, einsum, f32::datum_type())? else {
@@ -322,17 +317,8 @@ fn fuse_reordering_products(model: &mut TypedModel, isa: Isa) -> TractResult<usi
         let Some((x_rows, places)) = linear.reordered_rows.clone() else {
             continue;
         };
-        let mut last = einsum;
-        while let Some(next) = Some(through_row_reshape(model, last)?).filter(|&n| n != last) {
-            last = next;
-        }
-        let bias = bias_after(model, last, linear.width)?;
-        let last = bias.as_ref().map_or(last, |&(_, add)| add);
-        let gelu = model
-            .single_succ(last)?
-            .filter(|next| is_f32_gelu(next))
-            .map(|next| next.id);
-        let last = gelu.unwrap_or(last);
+        let reshaped = through_row_reshapes(model, einsum)?;
+        let (bias, gelu, last) = bias_and_gelu_after(model, reshaped, linear.width)?;
         let Some(final_shape) = model
             .outlet_fact(OutletId::new(last, 0))?
             .shape
@@ -341,7 +327,6 @@ fn fuse_reordering_products(model: &mut TypedModel, isa: Isa) -> TractResult<usi
             continue;
         };
         let final_shape: TVec<usize> = final_shape.into();
-        let bias = bias.map(|(bias, _)| bias);
         let bias_ram = bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
         let bias_values = bias_ram.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
         let weight = linear.weight.try_as_plain_ram()?;
@@ -354,9 +339,9 @@ fn fuse_reordering_products(model: &mut TypedModel, isa: Isa) -> TractResult<usi
             bias_values,
             linear.depth,
             linear.width,
-            in_x_order.clone(),
+            in_x_order,
         )?;
-        op.gelu = gelu.is_some();
+        op.gelu = gelu;
         let name = model.node(einsum).name.clone();
         let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense layer"));
         let x = patch.tap_model(model, model.node(einsum).inputs[0])?;
@@ -412,18 +397,13 @@ pub(crate) fn fuse_products<P, O: TypedOp>(
     find: impl Fn(&TypedModel, usize) -> TractResult<Option<Found<P>>>,
     build: impl Fn(P, Option<&[f32]>, &Tail, TVec<usize>) -> TractResult<O>,
 ) -> TractResult<usize> {
-    let einsums: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|node| node.op_is::<EinSum>())
-        .map(|node| node.id)
-        .collect();
+    let einsums = nodes_with_op::<EinSum>(model);
     let mut fused = 0;
     for einsum in einsums {
         let Some(found) = find(model, einsum)? else {
             continue;
         };
-        let last = through_row_reshape(model, found.last)?;
+        let last = through_row_reshapes(model, found.last)?;
         let last_fact = model.outlet_fact(OutletId::new(last, 0))?;
         let Some(output_shape) = last_fact.shape.as_concrete().map(TVec::from) else {
             continue;
@@ -446,20 +426,20 @@ pub(crate) fn fuse_products<P, O: TypedOp>(
     Ok(fused)
 }
 
-/// `node`, or the Reshape that is its only use if that only regroups the rows (the last axis
-/// untouched): the values' order is the same, so the operator writes the reshaped tensor and
-/// takes in the bias, GELU and residual after it. tract puts such a Reshape between a Swin's
-/// output projection and its bias, when it folds the token grid into a token axis.
-fn through_row_reshape(model: &TypedModel, node: usize) -> TractResult<usize> {
-    let Some(next) = model.single_succ(node)? else {
-        return Ok(node);
-    };
-    let rank = model.outlet_fact(OutletId::new(node, 0))?.rank();
-    let regroups_rows = match next.op_as::<AxisOp>() {
-        Some(AxisOp::Reshape(at, from, _)) => at + from.len() < rank,
-        _ => false,
-    };
-    Ok(if regroups_rows { next.id } else { node })
+/// `node`, or the last of the Reshapes that follow it, each the only use of the one before,
+/// if they only regroup the rows (the last axis untouched): the values' order is the same, so
+/// the operator writes the reshaped tensor and takes in the bias, GELU and residual after them.
+/// tract puts such Reshapes between a Swin's output projection and its bias, when it folds the
+/// token grid into a token axis.
+fn through_row_reshapes(model: &TypedModel, mut node: usize) -> TractResult<usize> {
+    while let Some(next) = model.single_succ(node)? {
+        let rank = model.outlet_fact(OutletId::new(node, 0))?.rank();
+        match next.op_as::<AxisOp>() {
+            Some(AxisOp::Reshape(at, from, _)) if at + from.len() < rank => node = next.id,
+            _ => break,
+        }
+    }
+    Ok(node)
 }
 
 /// What a dense operator takes in after its product: the bias Add, the GELU and the residual
@@ -474,6 +454,23 @@ pub(crate) struct Tail {
 
 /// The [`Tail`] after the node `product`, `width` wide.
 fn tail_after(model: &TypedModel, product: usize, width: usize) -> TractResult<Tail> {
+    let (bias, gelu, last) = bias_and_gelu_after(model, product, width)?;
+    let residual = residual_after(model, last)?;
+    Ok(Tail {
+        bias,
+        gelu,
+        residual: residual.map(|(outlet, _)| outlet),
+        last: residual.map_or(last, |(_, add)| add),
+    })
+}
+
+/// The bias Add and the GELU after the node `product`, `width` wide, each optional and the only
+/// use of the one before: the bias, whether there is a GELU, and the last node taken in.
+fn bias_and_gelu_after(
+    model: &TypedModel,
+    product: usize,
+    width: usize,
+) -> TractResult<(Option<Arc<Tensor>>, bool, usize)> {
     let (bias, last) = match bias_after(model, product, width)? {
         Some((bias, add)) => (Some(bias), add),
         None => (None, product),
@@ -482,14 +479,7 @@ fn tail_after(model: &TypedModel, product: usize, width: usize) -> TractResult<T
         .single_succ(last)?
         .filter(|next| is_f32_gelu(next))
         .map(|next| next.id);
-    let last = gelu.unwrap_or(last);
-    let residual = residual_after(model, last)?;
-    Ok(Tail {
-        bias,
-        gelu: gelu.is_some(),
-        residual: residual.map(|(outlet, _)| outlet),
-        last: residual.map_or(last, |(_, add)| add),
-    })
+    Ok((bias, gelu.is_some(), gelu.unwrap_or(last)))
 }
 
 /// Put `op`, computed from `x` (and the tail's residual), in place of the product and its
