@@ -7,7 +7,7 @@ same file, in alternating rounds), and what its training cost.
 
 Each run's best weights are exported (verified against burn) and quantized into WORK_DIR, then
 evaluated on TEST_DATA, which no run chose anything by. `--accuracy-only` skips the timing, for
-the runs on a fraction of the data. The timing needs a quiet machine: no training run meanwhile.
+the runs on a fraction of the data (a "training data" column then says which). The timing needs a quiet machine: no training run meanwhile.
 onnxruntime comes from .venv-peers (see tests/peers_bench.py); without it that column is empty.
 Prints a Markdown table, and writes every figure to WORK_DIR/table.json.
 """
@@ -47,7 +47,10 @@ def training_cost(run_dir):
         epochs = [json.loads(line) for line in lines if line.strip()]
     with open(os.path.join(run_dir, "state.json")) as state:
         best = json.load(state).get("best") or {}
+    with open(os.path.join(run_dir, "config.json")) as config:
+        train_fraction = json.load(config).get("train_fraction", 1.0)
     return {
+        "train_fraction": train_fraction,
         "epochs": len(epochs),
         "seconds": sum(epoch["epoch_seconds"] for epoch in epochs),
         "teacher_seconds": sum(epoch.get("teacher_seconds", 0.0) for epoch in epochs),
@@ -106,16 +109,20 @@ def wall_time(seconds):
 
 
 def markdown(models, timed):
-    header = ["model", "parameters", "multiply-adds", "test f32", "test int8", "val (best epoch)",
-              "file f32 / int8"]
+    fractions = any(model["training"]["train_fraction"] < 1 for model in models)
+    header = ["model"] + (["training data"] if fractions else [])
+    header += ["parameters", "multiply-adds", "test f32", "test int8", "val (best epoch)",
+               "file f32 / int8"]
     if timed:
         header += ["ours f32", "onnxruntime f32", "ours int8"]
     header += ["training", "images/s"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in models:
         training = model["training"]
-        cells = [
-            model["name"],
+        cells = [model["name"]]
+        if fractions:
+            cells.append(f"{100 * training['train_fraction']:.0f} %")
+        cells += [
             f"{model['parameters']:,}",
             f"{model['multiply_adds'] / 1e6:.1f} M",
             f"{100 * model['test_accuracy']['f32']:.2f} %",
