@@ -157,10 +157,13 @@ fn info_and_bench_report_the_model() {
     assert_eq!(info["input"]["shape"], serde_json::json!([1, 1, 28, 28]));
     assert_eq!(info["labels"].as_array().unwrap().len(), 10);
     assert!(info["metadata"]["vit.labels"].is_string());
+    // Where the runtime's own kernels beat tract's (x86-64), every product of the ViT is
+    // theirs, its patch embedding included; elsewhere tract's kernels show.
     let kernels = info["tract"]["matmul_kernels"].as_object().unwrap();
+    let own = info["operator_kernels"].as_object().unwrap();
     assert!(
-        !kernels.is_empty(),
-        "the ViT's matrix products have kernels"
+        !kernels.is_empty() || (own.contains_key("DenseConv") && own.contains_key("DenseLinear")),
+        "the ViT's matrix products have kernels: {info}"
     );
     assert!(info["tract"]["operators"].as_object().unwrap().len() > 3);
     #[cfg(target_arch = "x86_64")]

@@ -56,8 +56,8 @@ impl Model {
     /// by operator name.
     pub fn operator_kernels(&self) -> BTreeMap<String, Isa> {
         use crate::ops::{
-            attention::TokenMajorAttention, dense::DenseLinear, dense_int8::DenseLinearInt8,
-            layer_norm::LastAxisLayerNorm, softmax::RowSoftmax,
+            attention::TokenMajorAttention, conv::DenseConv, dense::DenseLinear,
+            dense_int8::DenseLinearInt8, layer_norm::LastAxisLayerNorm, softmax::RowSoftmax,
         };
         let mut kernels = BTreeMap::new();
         for node in &self.plan.model().nodes {
@@ -65,6 +65,7 @@ impl Model {
             let isa = op
                 .downcast_ref::<DenseLinear>()
                 .map(|op| op.isa)
+                .or_else(|| op.downcast_ref::<DenseConv>().map(DenseConv::isa))
                 .or_else(|| op.downcast_ref::<DenseLinearInt8>().map(|op| op.isa))
                 .or_else(|| op.downcast_ref::<TokenMajorAttention>().map(|op| op.isa))
                 .or_else(|| op.downcast_ref::<LastAxisLayerNorm>().map(|op| op.isa))

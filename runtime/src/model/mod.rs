@@ -345,10 +345,14 @@ impl Model {
         model.select_output_outlets(&keep).map_err(tract)?;
         // The f16 translator and the attention fusion work on the decluttered graph;
         // into_optimized declutters anyway.
-        let mut typed = model
-            .into_typed()
-            .and_then(|typed| typed.into_decluttered())
-            .map_err(tract)?;
+        let mut typed = model.into_typed().map_err(tract)?;
+        // Before declutter, which turns strided 1×1 convolutions into a Downsample and a
+        // product; with the constants propagated, so the kernels and biases are known.
+        if precision != Precision::F16 && (isa_forced || crate::ops::dense::beats_tract(isa)) {
+            typed.prop_consts().map_err(tract)?;
+            crate::ops::conv::fuse_conv(&mut typed, isa).map_err(tract)?;
+        }
+        let mut typed = typed.into_decluttered().map_err(tract)?;
         // Checked before the fusions, which assume at least one class.
         let output = typed.output_fact(0).map_err(tract)?;
         let classes = match output.shape.as_concrete() {
@@ -386,6 +390,7 @@ impl Model {
             }
             if isa_forced || crate::ops::dense::beats_tract(isa) {
                 crate::ops::dense::fuse_dense(&mut typed, isa).map_err(tract)?;
+                crate::ops::conv::fuse_conv(&mut typed, isa).map_err(tract)?;
             }
         }
         let mut optimized = typed.into_optimized().map_err(tract)?;

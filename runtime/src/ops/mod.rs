@@ -10,6 +10,7 @@
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod conv;
 pub mod dense;
 pub mod dense_int8;
 pub mod layer_norm;
@@ -303,7 +304,7 @@ fn names(isas: &[Isa]) -> String {
         .join(", ")
 }
 
-/// Random inputs for the operators' property tests (proptest), shared by their modules.
+/// Inputs for the operators' tests (seeded, and random for proptest), shared by their modules.
 #[cfg(test)]
 pub(crate) mod properties {
     use proptest::prelude::*;
@@ -318,6 +319,20 @@ pub(crate) mod properties {
             rare => Just(f32::NEG_INFINITY),
         ];
         prop::collection::vec(value, len)
+    }
+
+    /// `len` values in [-1, 1] from `seed` (xorshift): the same inputs on every run, for the
+    /// kernels' tests against their definitions.
+    pub fn seeded(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
     }
 
     /// `got` against the definition's double-precision `want`: within `tolerance` where

@@ -202,6 +202,11 @@ impl TypedOp for DenseLinear {
 }
 
 impl DenseLinear {
+    /// The rows the kernel computes together: a share of rows for a thread is best a multiple.
+    pub(crate) fn row_block(&self) -> usize {
+        Self::block(self.isa, self.width).0
+    }
+
     /// `y` for `x` of whole rows, the rows spread over the inference threads.
     pub(crate) fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         let macs = x.len() * self.width;
@@ -214,8 +219,9 @@ impl DenseLinear {
         });
     }
 
-    /// The output rows `out` from the rows `x` (and `residual`), on the operator's kernel.
-    fn rows(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+    /// The output rows `out` from the rows `x` (and `residual`), on the operator's kernel, on
+    /// the calling thread.
+    pub(crate) fn rows(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         assert!(
             self.isa.runs_here(),
             "{} kernel on a CPU without it",

@@ -2,19 +2,8 @@
 //! fusions tract's graphs get, and the packed layouts.
 
 use super::*;
+use crate::ops::properties::seeded as values;
 use crate::ops::rows::on_two_threads;
-
-fn values(len: usize, seed: u32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state % 2001) as f32 / 1000.0 - 1.0
-        })
-        .collect()
-}
 
 /// Every row block remainder (1–6 rows), partial panels and the threaded path.
 #[test]

@@ -1,0 +1,145 @@
+//! Where [`DenseConv`] replaces tract's `Conv` in a decluttered model.
+
+use super::{DenseConv, Geometry};
+use crate::ops::Isa;
+use crate::ops::patterns::{constant_operand, is_bin, nodes_with_op};
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+/// Replace each f32 `Conv` of a decluttered model that [`DenseConv`] computes (NCHW, one
+/// group, no dilation, 2-D, a constant kernel and bias, a concrete input shape) by it, with the
+/// residual Add and the ReLU after it (each the only use of the one before); returns how many
+/// were replaced.
+pub fn fuse_conv(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
+    let mut fused = 0;
+    for node in nodes_with_op::<Conv>(model) {
+        let Some(op) = dense_conv(model, node, isa)? else {
+            continue;
+        };
+        let (residual, last) = match residual_after(model, node)? {
+            Some((residual, add)) => (Some(residual), add),
+            None => (None, node),
+        };
+        let relu = model.single_succ(last)?.filter(|next| is_relu(model, next));
+        let op = DenseConv {
+            residual: residual.is_some(),
+            relu: relu.is_some(),
+            ..op
+        };
+        let last = relu.map_or(last, |relu| relu.id);
+        let name = model.node(node).name.clone();
+        let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense convolution"));
+        let mut inputs = tvec![patch.tap_model(model, model.node(node).inputs[0])?];
+        if let Some(residual) = residual {
+            inputs.push(patch.tap_model(model, residual)?);
+        }
+        let wire = patch.wire_node(&name, op, &inputs)?[0];
+        patch.shunt_outside(model, last.into(), wire)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+/// The operator for the `Conv` at `node`, if it is one [`DenseConv`] computes.
+fn dense_conv(model: &TypedModel, node: usize, isa: Isa) -> TractResult<Option<DenseConv>> {
+    let conv = model.node(node);
+    let op = conv.op_as::<Conv>().expect("a Conv node");
+    let spec = &op.pool_spec;
+    let plain = op.q_params.is_none()
+        && op.group == 1
+        && op.kernel_fmt == KernelFormat::OIHW
+        && spec.data_format == DataFormat::NCHW
+        && spec.rank() == 2
+        && spec.dilations().iter().all(|&d| d == 1)
+        && conv.inputs.len() == 3;
+    if !plain {
+        return Ok(None);
+    }
+    let input = model.outlet_fact(conv.inputs[0])?;
+    let Some(shape) = input.shape.as_concrete() else {
+        return Ok(None);
+    };
+    let kernel = model.outlet_fact(conv.inputs[1])?.konst.clone();
+    let bias = model.outlet_fact(conv.inputs[2])?.konst.clone();
+    let (Some(kernel), Some(bias)) = (kernel, bias) else {
+        return Ok(None);
+    };
+    if input.datum_type != f32::datum_type()
+        || kernel.datum_type() != f32::datum_type()
+        || bias.datum_type() != f32::datum_type()
+        || shape.len() != 4
+    {
+        return Ok(None);
+    }
+    let padding = spec.computed_padding(&shape[2..]);
+    let strides = spec.strides();
+    let geometry = Geometry {
+        channels: shape[1],
+        input: [shape[2], shape[3]],
+        kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
+        strides: [strides[0], strides[1]],
+        pad_before: [padding[0].pad_before, padding[1].pad_before],
+        pad_after: [padding[0].pad_after, padding[1].pad_after],
+    };
+    let output_channels = spec.output_channels;
+    if kernel.shape()
+        != [
+            output_channels,
+            geometry.channels,
+            geometry.kernel[0],
+            geometry.kernel[1],
+        ]
+        || geometry.output() != [padding[0].convoluted, padding[1].convoluted]
+    {
+        return Ok(None);
+    }
+    let kernel = kernel.try_as_plain_ram()?;
+    let bias_ram = bias.try_as_plain_ram()?;
+    let bias_values = bias_ram.as_slice::<f32>()?;
+    // tract gives a convolution without a bias a scalar zero.
+    let bias = match bias_values.len() {
+        n if n == output_channels => Some(bias_values),
+        1 if bias_values[0] == 0.0 => None,
+        _ => return Ok(None),
+    };
+    DenseConv::new(isa, geometry, kernel.as_slice::<f32>()?, bias).map(Some)
+}
+
+/// The other operand of the Add that is the only use of `node`'s output, if that operand is
+/// computed and of the same shape (a residual block's shortcut), and the Add.
+fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(OutletId, usize)>> {
+    let Some(add) = model.single_succ(node)? else {
+        return Ok(None);
+    };
+    if !is_bin(add, "Add") {
+        return Ok(None);
+    }
+    let ours = OutletId::new(node, 0);
+    let Some(&other) = add.inputs.iter().find(|&&input| input != ours) else {
+        return Ok(None);
+    };
+    let (fact, other_fact) = (model.outlet_fact(ours)?, model.outlet_fact(other)?);
+    let same = other_fact.konst.is_none()
+        && other_fact.datum_type == f32::datum_type()
+        && other_fact.shape == fact.shape;
+    Ok(same.then_some((other, add.id)))
+}
+
+/// Whether `node` is an f32 ReLU: the Max of a value and a constant zero, the value's shape.
+fn is_relu(model: &TypedModel, node: &TypedNode) -> bool {
+    let Ok(Some((value, zero))) = constant_operand(model, node, "Max") else {
+        return false;
+    };
+    let is_zero = zero.datum_type() == f32::datum_type()
+        && zero.len() == 1
+        && zero
+            .try_as_plain_ram()
+            .is_ok_and(|z| z.as_slice::<f32>().is_ok_and(|z| z[0] == 0.0));
+    let shapes = [value, OutletId::new(node.id, 0)].map(|o| model.outlet_fact(o).map(|f| &f.shape));
+    is_zero && matches!(shapes, [Ok(a), Ok(b)] if a == b)
+}

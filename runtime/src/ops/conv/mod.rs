@@ -1,0 +1,378 @@
+//! A 2-D convolution (NCHW, one group, no dilation, a constant kernel) computed by
+//! [`DenseLinear`]'s kernels, with the ReLU and the residual Add that follow it.
+//!
+//! tract 0.23.9 gathers each convolution's image patches straight into its matrix kernel's
+//! packed layout, every run, and on the CNN teacher that gathering cost about as much as the
+//! products. [`DenseConv`] copies the image once into a zero-bordered, channels-last buffer,
+//! where each kernel row of a patch is one contiguous run; the patches, one row per output
+//! pixel, then go through a [`DenseLinear`] whose W was reordered once at load. So every
+//! instruction set with a dense kernel (AVX-512, AVX2, NEON, portable) has a convolution.
+//! [`fuse_conv`] puts it in place of tract's `Conv` in a decluttered model.
+
+use std::cell::RefCell;
+
+use crate::ops::dense::DenseLinear;
+use crate::ops::rows::for_each_share;
+use crate::ops::{Isa, aligned, with_buffer};
+use tract_onnx::tract_core::internal::*;
+
+mod fusion;
+#[cfg(test)]
+mod tests;
+
+pub use fusion::fuse_conv;
+
+thread_local! {
+    /// The image, channels last, with its zero border.
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One patch per output pixel.
+    static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The products, channels last.
+    static PRODUCTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Pixels moved together between the channels-first and channels-last layouts: a cache
+/// line of f32 on the channels-first side.
+const TILE: usize = 16;
+
+/// Sizes along the height and the width.
+pub type Pair = [usize; 2];
+
+/// The geometry of a convolution of an image `channels × input` by a kernel `kernel` wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// The image's channels.
+    pub channels: usize,
+    /// The image's height and width.
+    pub input: Pair,
+    /// The kernel's height and width.
+    pub kernel: Pair,
+    /// The steps between windows, down and across.
+    pub strides: Pair,
+    /// Zero rows and columns before the image (above, left).
+    pub pad_before: Pair,
+    /// Zero rows and columns after the image (below, right).
+    pub pad_after: Pair,
+}
+
+impl Geometry {
+    /// The output's height and width.
+    pub fn output(&self) -> Pair {
+        std::array::from_fn(|a| {
+            (self.input[a] + self.pad_before[a] + self.pad_after[a] - self.kernel[a])
+                / self.strides[a]
+                + 1
+        })
+    }
+
+    /// The zero-bordered image's height and width.
+    fn padded(&self) -> Pair {
+        std::array::from_fn(|a| self.pad_before[a] + self.input[a] + self.pad_after[a])
+    }
+
+    /// Values in one patch: a kernel's window over every channel.
+    fn patch_len(&self) -> usize {
+        self.kernel[0] * self.kernel[1] * self.channels
+    }
+
+    fn is_valid(&self) -> bool {
+        let padded = self.padded();
+        self.channels > 0
+            && (0..2)
+                .all(|a| self.kernel[a] > 0 && self.strides[a] > 0 && self.kernel[a] <= padded[a])
+    }
+}
+
+/// `y = act(conv(x, K) + b + r)` for `x` f32 `[images, channels, height, width]`, K and b held
+/// by the operator, `act` the identity or ReLU, and `r` an optional second input of the
+/// output's shape (a residual block's shortcut).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenseConv {
+    geometry: Geometry,
+    /// K as a `[patch, output channels]` product, with the bias.
+    product: DenseLinear,
+    output_channels: usize,
+    /// A second input is added to the sums.
+    pub residual: bool,
+    /// ReLU applied last.
+    pub relu: bool,
+}
+
+impl DenseConv {
+    /// The operator for `kernel` (`[output channels, channels, kernel height, kernel width]`,
+    /// ONNX's layout) and an optional `bias`, computed by `isa`'s dense kernel.
+    pub fn new(
+        isa: Isa,
+        geometry: Geometry,
+        kernel: &[f32],
+        bias: Option<&[f32]>,
+    ) -> TractResult<DenseConv> {
+        ensure!(geometry.is_valid(), "convolution geometry {geometry:?}");
+        let patch = geometry.patch_len();
+        ensure!(!kernel.is_empty() && kernel.len().is_multiple_of(patch));
+        let output_channels = kernel.len() / patch;
+        // A patch row is ordered (kernel row, kernel column, channel): K becomes
+        // `[output channel][kernel row][kernel column][channel]`, W transposed.
+        let [height, width] = geometry.kernel;
+        let channels = geometry.channels;
+        let mut reordered = vec![0f32; kernel.len()];
+        for o in 0..output_channels {
+            for c in 0..channels {
+                for ky in 0..height {
+                    for kx in 0..width {
+                        reordered[o * patch + (ky * width + kx) * channels + c] =
+                            kernel[((o * channels + c) * height + ky) * width + kx];
+                    }
+                }
+            }
+        }
+        let [out_height, out_width] = geometry.output();
+        let product = DenseLinear::new(
+            isa,
+            &reordered,
+            true,
+            bias,
+            patch,
+            output_channels,
+            tvec![out_height * out_width, output_channels],
+        )?;
+        Ok(DenseConv {
+            geometry,
+            product,
+            output_channels,
+            residual: false,
+            relu: false,
+        })
+    }
+
+    /// The instruction set of the dense kernel it runs on.
+    pub fn isa(&self) -> Isa {
+        self.product.isa
+    }
+
+    /// The output's shape for `images` images.
+    fn output_shape(&self, images: usize) -> TVec<usize> {
+        let [height, width] = self.geometry.output();
+        tvec![images, self.output_channels, height, width]
+    }
+
+    /// `out` (`[images, output channels, height, width]`) from `x` and `residual`, each step
+    /// spread over the inference threads.
+    fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+        let g = &self.geometry;
+        let image_len = g.channels * g.input[0] * g.input[1];
+        let images = x.len() / image_len;
+        let [out_height, out_width] = g.output();
+        let pixels = out_height * out_width;
+        let patch = g.patch_len();
+        let channels = self.output_channels;
+        let macs = images * pixels * patch * channels;
+        let [padded_height, padded_width] = g.padded();
+        with_buffer(&PADDED, |padded| {
+            with_buffer(&PRODUCTS, |products| {
+                let padded_row = padded_width * g.channels;
+                let padded = aligned(padded, images * padded_height * padded_row);
+                for_each_share(padded, padded_row, 1, macs, |first, rows| {
+                    self.to_channels_last(x, first, rows)
+                });
+                let padded = &*padded;
+                let products = aligned(products, images * pixels * channels);
+                let block = self.product.row_block();
+                for_each_share(products, channels, block, macs, |first, rows| {
+                    with_buffer(&PATCHES, |patches| {
+                        let patches = aligned(patches, rows.len() / channels * patch);
+                        self.gather_patches(padded, first, patches);
+                        self.product.rows(patches, None, rows);
+                    })
+                });
+                let products = &*products;
+                for_each_share(out, pixels, 1, macs, |first, planes| {
+                    self.to_channels_first(products, residual, first, planes)
+                });
+            })
+        });
+    }
+
+    /// The rows of the zero-bordered, channels-last images from `first` on (`rows`), from the
+    /// channels-first `x`. A tile of [`TILE`] pixels at a time, so that the strided writes stay
+    /// in a few cache lines.
+    fn to_channels_last(&self, x: &[f32], first: usize, rows: &mut [f32]) {
+        let g = &self.geometry;
+        let channels = g.channels;
+        let [padded_height, padded_width] = g.padded();
+        let [height, width] = g.input;
+        let plane = height * width;
+        rows.fill(0.0);
+        for (r, row) in rows.chunks_exact_mut(padded_width * channels).enumerate() {
+            let (image, padded_y) = ((first + r) / padded_height, (first + r) % padded_height);
+            let Some(y) = padded_y
+                .checked_sub(g.pad_before[0])
+                .filter(|&y| y < height)
+            else {
+                continue;
+            };
+            let image = &x[image * channels * plane..][..channels * plane];
+            let row = &mut row[g.pad_before[1] * channels..][..width * channels];
+            for start in (0..width).step_by(TILE) {
+                let tile = TILE.min(width - start);
+                let pixels = &mut row[start * channels..][..tile * channels];
+                for c in 0..channels {
+                    let values = &image[c * plane + y * width + start..][..tile];
+                    for (pixel, &value) in pixels.chunks_exact_mut(channels).zip(values) {
+                        pixel[c] = value;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The patches of the output pixels from `first` on (counted over all images), one row
+    /// each: the kernel's window over `padded`, a contiguous run of `kernel width × channels`
+    /// values per kernel row.
+    fn gather_patches(&self, padded: &[f32], first: usize, patches: &mut [f32]) {
+        let g = &self.geometry;
+        let [padded_height, padded_width] = g.padded();
+        let padded_len = padded_height * padded_width * g.channels;
+        let [out_height, out_width] = g.output();
+        let pixels = out_height * out_width;
+        let run = g.kernel[1] * g.channels;
+        for (i, row) in patches.chunks_exact_mut(g.patch_len()).enumerate() {
+            let (image, pixel) = ((first + i) / pixels, (first + i) % pixels);
+            let (oy, ox) = (pixel / out_width, pixel % out_width);
+            let padded = &padded[image * padded_len..][..padded_len];
+            for (ky, part) in row.chunks_exact_mut(run).enumerate() {
+                let y = oy * g.strides[0] + ky;
+                let start = (y * padded_width + ox * g.strides[1]) * g.channels;
+                part.copy_from_slice(&padded[start..][..run]);
+            }
+        }
+    }
+
+    /// The output planes (one per image and output channel) from `first` on, from `products`
+    /// (`[images × pixels, output channels]`), with the residual added and the ReLU applied; a
+    /// tile of [`TILE`] pixels at a time.
+    fn to_channels_first(
+        &self,
+        products: &[f32],
+        residual: Option<&[f32]>,
+        first: usize,
+        planes: &mut [f32],
+    ) {
+        let channels = self.output_channels;
+        let [height, width] = self.geometry.output();
+        let pixels = height * width;
+        // Planes of one image at a time, a tile of pixels across all of them at a time: the
+        // tile's products are then read from a few cache lines.
+        let mut planes = planes;
+        let mut plane = first;
+        while !planes.is_empty() {
+            let (image, o_first) = (plane / channels, plane % channels);
+            let count = (channels - o_first).min(planes.len() / pixels);
+            let (these, rest) = planes.split_at_mut(count * pixels);
+            let sums = &products[image * pixels * channels..][..pixels * channels];
+            let residual = residual.map(|r| &r[plane * pixels..][..count * pixels]);
+            for start in (0..pixels).step_by(TILE) {
+                let tile = TILE.min(pixels - start);
+                let sums = &sums[start * channels..][..tile * channels];
+                for (i, out) in these.chunks_exact_mut(pixels).enumerate() {
+                    let o = o_first + i;
+                    let out = &mut out[start..][..tile];
+                    for (y, sums) in out.iter_mut().zip(sums.chunks_exact(channels)) {
+                        *y = sums[o];
+                    }
+                    if let Some(residual) = residual {
+                        for (y, r) in out.iter_mut().zip(&residual[i * pixels + start..][..tile]) {
+                            *y += r;
+                        }
+                    }
+                    if self.relu {
+                        for y in out.iter_mut() {
+                            *y = y.max(0.0);
+                        }
+                    }
+                }
+            }
+            planes = rest;
+            plane += count;
+        }
+    }
+}
+
+impl Op for DenseConv {
+    fn name(&self) -> StaticName {
+        "DenseConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geometry;
+        let residual = if self.residual { ", + residual" } else { "" };
+        let relu = if self.relu { ", ReLU" } else { "" };
+        Ok(vec![format!(
+            "{}x{} kernel, stride {}x{}, {} -> {} channels{residual}{relu}, {}",
+            g.kernel[0],
+            g.kernel[1],
+            g.strides[0],
+            g.strides[1],
+            g.channels,
+            self.output_channels,
+            self.product.isa
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DenseConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        for input in &inputs {
+            ensure!(input.datum_type() == f32::datum_type());
+            ensure!(
+                super::is_row_major(input),
+                "input with strides {:?}",
+                input.strides()
+            );
+        }
+        let g = &self.geometry;
+        let shape = inputs[0].shape();
+        ensure!(
+            shape.len() == 4 && shape[1..] == [g.channels, g.input[0], g.input[1]],
+            "a convolution of {}x{}x{} images got input {shape:?}",
+            g.channels,
+            g.input[0],
+            g.input[1]
+        );
+        let output_shape = self.output_shape(shape[0]);
+        if let Some(residual) = inputs.get(1) {
+            ensure!(
+                residual.shape() == &*output_shape,
+                "residual of the wrong shape"
+            );
+        }
+        // SAFETY: f32 has no invalid bit patterns, and `apply` writes every value.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&output_shape)? };
+        {
+            let x = inputs[0].try_as_plain_ram()?;
+            let residual = inputs.get(1).map(|r| r.try_as_plain_ram()).transpose()?;
+            let residual = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
+            let mut out = output.try_as_plain_ram_mut()?;
+            self.apply(x.as_slice()?, residual, out.as_slice_mut()?);
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for DenseConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        let Some(shape) = inputs[0].shape.as_concrete() else {
+            bail!("DenseConv needs a concrete input shape");
+        };
+        Ok(tvec!(f32::fact(&*self.output_shape(shape[0]))))
+    }
+
+    as_op!();
+}
