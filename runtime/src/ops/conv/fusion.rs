@@ -1,6 +1,6 @@
 //! Where [`DenseConv`] replaces tract's `Conv` in a decluttered model.
 
-use super::{DenseConv, Geometry};
+use super::{DenseConv, Geometry, Layout};
 use crate::ops::Isa;
 use crate::ops::patterns::{constant_operand, is_bin, nodes_with_op};
 use tract_onnx::tract_core::internal::*;
@@ -41,8 +41,42 @@ pub fn fuse_conv(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
     }
     if fused > 0 {
         model.compact()?;
+        pass_channels_last(model)?;
     }
     Ok(fused)
+}
+
+/// Each [`DenseConv`] whose output only [`DenseConv`]s read (as their input or their residual)
+/// hands it over channels last, so neither side changes its layout.
+fn pass_channels_last(model: &mut TypedModel) -> TractResult<()> {
+    let outputs = model.output_outlets()?.to_vec();
+    for node in nodes_with_op::<DenseConv>(model) {
+        let outlet = OutletId::new(node, 0);
+        let readers = model.node(node).outputs[0].successors.clone();
+        let all_convs = readers
+            .iter()
+            .all(|reader| model.node(reader.node).op_is::<DenseConv>());
+        if readers.is_empty() || !all_convs || outputs.contains(&outlet) {
+            continue;
+        }
+        for reader in readers {
+            let node = model.node_mut(reader.node);
+            let mut op = node.op_as::<DenseConv>().expect("a DenseConv").clone();
+            op.layouts[reader.slot] = Layout::ChannelsLast;
+            node.op = Box::new(op);
+        }
+        let mut op = model
+            .node(node)
+            .op_as::<DenseConv>()
+            .expect("a DenseConv")
+            .clone();
+        op.layouts[2] = Layout::ChannelsLast;
+        let images = model.outlet_fact(outlet)?.shape[0].to_usize()?;
+        let fact = f32::fact(&*op.output_shape(images));
+        model.node_mut(node).op = Box::new(op);
+        model.set_outlet_fact(outlet, fact)?;
+    }
+    Ok(())
 }
 
 /// The operator for the `Conv` at `node`, if it is one [`DenseConv`] computes.

@@ -35,6 +35,9 @@ thread_local! {
 /// line of f32 on the channels-first side.
 const TILE: usize = 16;
 
+/// The most patch values gathered at a time, in bytes: half of a 512 kB L2 cache.
+const PATCH_CHUNK_BYTES: usize = 256 << 10;
+
 /// Sizes along the height and the width.
 pub type Pair = [usize; 2];
 
@@ -83,9 +86,18 @@ impl Geometry {
     }
 }
 
-/// `y = act(conv(x, K) + b + r)` for `x` f32 `[images, channels, height, width]`, K and b held
-/// by the operator, `act` the identity or ReLU, and `r` an optional second input of the
-/// output's shape (a residual block's shortcut).
+/// Where the channels are in an image tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[images, channels, height, width]`: ONNX's layout.
+    ChannelsFirst,
+    /// `[images, height, width, channels]`: what [`DenseConv`]s pass each other.
+    ChannelsLast,
+}
+
+/// `y = act(conv(x, K) + b + r)` for `x` f32 images, K and b held by the operator, `act` the
+/// identity or ReLU, and `r` an optional second input of the output's shape (a residual
+/// block's shortcut). Each of x, r and y is channels first unless its layout says otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenseConv {
     geometry: Geometry,
@@ -96,6 +108,8 @@ pub struct DenseConv {
     pub residual: bool,
     /// ReLU applied last.
     pub relu: bool,
+    /// The layouts of x, of r and of y.
+    pub layouts: [Layout; 3],
 }
 
 impl DenseConv {
@@ -142,6 +156,7 @@ impl DenseConv {
             output_channels,
             residual: false,
             relu: false,
+            layouts: [Layout::ChannelsFirst; 3],
         })
     }
 
@@ -151,13 +166,16 @@ impl DenseConv {
     }
 
     /// The output's shape for `images` images.
-    fn output_shape(&self, images: usize) -> TVec<usize> {
-        let [height, width] = self.geometry.output();
-        tvec![images, self.output_channels, height, width]
+    pub fn output_shape(&self, images: usize) -> TVec<usize> {
+        shape(
+            self.layouts[2],
+            images,
+            self.output_channels,
+            self.geometry.output(),
+        )
     }
 
-    /// `out` (`[images, output channels, height, width]`) from `x` and `residual`, each step
-    /// spread over the inference threads.
+    /// `out` from `x` and `residual`, each step spread over the inference threads.
     fn apply(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
         let g = &self.geometry;
         let image_len = g.channels * g.input[0] * g.input[1];
@@ -168,35 +186,61 @@ impl DenseConv {
         let channels = self.output_channels;
         let macs = images * pixels * patch * channels;
         let [padded_height, padded_width] = g.padded();
+        let [x_layout, residual_layout, y_layout] = self.layouts;
+        // A channels-last residual is the dense kernel's to add; a channels-first one is added
+        // where the sums change layout.
+        let (kernel_residual, residual) = match residual_layout {
+            Layout::ChannelsLast => (residual, None),
+            Layout::ChannelsFirst => (None, residual),
+        };
         with_buffer(&PADDED, |padded| {
             with_buffer(&PRODUCTS, |products| {
                 let padded_row = padded_width * g.channels;
                 let padded = aligned(padded, images * padded_height * padded_row);
                 for_each_share(padded, padded_row, 1, macs, |first, rows| {
-                    self.to_channels_last(x, first, rows)
+                    self.pad(x, x_layout, first, rows)
                 });
                 let padded = &*padded;
-                let products = aligned(products, images * pixels * channels);
                 let block = self.product.row_block();
-                for_each_share(products, channels, block, macs, |first, rows| {
-                    with_buffer(&PATCHES, |patches| {
-                        let patches = aligned(patches, rows.len() / channels * patch);
-                        self.gather_patches(padded, first, patches);
-                        self.product.rows(patches, None, rows);
+                // A share's patches a chunk at a time, so that they stay in the L2 cache
+                // whatever the number of images.
+                let chunk = (PATCH_CHUNK_BYTES / (patch * size_of::<f32>()) / block).max(1) * block;
+                let compute = |sums: &mut [f32]| {
+                    for_each_share(sums, channels, block, macs, |share_first, share| {
+                        with_buffer(&PATCHES, |patches| {
+                            for (c, rows) in share.chunks_mut(chunk * channels).enumerate() {
+                                let first = share_first + c * chunk;
+                                let patches = aligned(patches, rows.len() / channels * patch);
+                                self.gather_patches(padded, first, patches);
+                                let kernel_residual =
+                                    kernel_residual.map(|r| &r[first * channels..][..rows.len()]);
+                                self.product.rows(patches, kernel_residual, rows);
+                                if y_layout == Layout::ChannelsLast {
+                                    self.finish_channels_last(residual, first, rows);
+                                }
+                            }
+                        })
                     })
-                });
-                let products = &*products;
-                for_each_share(out, pixels, 1, macs, |first, planes| {
-                    self.to_channels_first(products, residual, first, planes)
-                });
+                };
+                match y_layout {
+                    Layout::ChannelsLast => compute(out),
+                    Layout::ChannelsFirst => {
+                        let products = aligned(products, images * pixels * channels);
+                        compute(products);
+                        let products = &*products;
+                        for_each_share(out, pixels, 1, macs, |first, planes| {
+                            self.to_channels_first(products, residual, first, planes)
+                        });
+                    }
+                }
             })
         });
     }
 
-    /// The rows of the zero-bordered, channels-last images from `first` on (`rows`), from the
-    /// channels-first `x`. A tile of [`TILE`] pixels at a time, so that the strided writes stay
-    /// in a few cache lines.
-    fn to_channels_last(&self, x: &[f32], first: usize, rows: &mut [f32]) {
+    /// The rows of the zero-bordered, channels-last images from `first` on (`rows`), from `x`.
+    /// From channels first a tile of [`TILE`] pixels at a time, so that the strided writes
+    /// stay in a few cache lines.
+    fn pad(&self, x: &[f32], layout: Layout, first: usize, rows: &mut [f32]) {
         let g = &self.geometry;
         let channels = g.channels;
         let [padded_height, padded_width] = g.padded();
@@ -213,6 +257,10 @@ impl DenseConv {
             };
             let image = &x[image * channels * plane..][..channels * plane];
             let row = &mut row[g.pad_before[1] * channels..][..width * channels];
+            if layout == Layout::ChannelsLast {
+                row.copy_from_slice(&image[y * width * channels..][..width * channels]);
+                continue;
+            }
             for start in (0..width).step_by(TILE) {
                 let tile = TILE.min(width - start);
                 let pixels = &mut row[start * channels..][..tile * channels];
@@ -221,6 +269,28 @@ impl DenseConv {
                     for (pixel, &value) in pixels.chunks_exact_mut(channels).zip(values) {
                         pixel[c] = value;
                     }
+                }
+            }
+        }
+    }
+
+    /// Channels-last output rows from pixel `first` on: the channels-first `residual` added
+    /// and the ReLU applied.
+    fn finish_channels_last(&self, residual: Option<&[f32]>, first: usize, rows: &mut [f32]) {
+        let channels = self.output_channels;
+        let [height, width] = self.geometry.output();
+        let pixels = height * width;
+        for (i, row) in rows.chunks_exact_mut(channels).enumerate() {
+            let (image, pixel) = ((first + i) / pixels, (first + i) % pixels);
+            if let Some(residual) = residual {
+                let planes = &residual[image * channels * pixels..][..channels * pixels];
+                for (o, y) in row.iter_mut().enumerate() {
+                    *y += planes[o * pixels + pixel];
+                }
+            }
+            if self.relu {
+                for y in row.iter_mut() {
+                    *y = y.max(0.0);
                 }
             }
         }
@@ -298,6 +368,14 @@ impl DenseConv {
     }
 }
 
+/// The shape of `images` images of `channels × size` in `layout`.
+fn shape(layout: Layout, images: usize, channels: usize, [height, width]: Pair) -> TVec<usize> {
+    match layout {
+        Layout::ChannelsFirst => tvec![images, channels, height, width],
+        Layout::ChannelsLast => tvec![images, height, width, channels],
+    }
+}
+
 impl Op for DenseConv {
     fn name(&self) -> StaticName {
         "DenseConv".into()
@@ -307,8 +385,14 @@ impl Op for DenseConv {
         let g = &self.geometry;
         let residual = if self.residual { ", + residual" } else { "" };
         let relu = if self.relu { ", ReLU" } else { "" };
+        let last = ["x", "residual", "y"]
+            .iter()
+            .zip(self.layouts)
+            .filter(|(_, layout)| *layout == Layout::ChannelsLast)
+            .map(|(name, _)| format!(", {name} channels last"))
+            .collect::<String>();
         Ok(vec![format!(
-            "{}x{} kernel, stride {}x{}, {} -> {} channels{residual}{relu}, {}",
+            "{}x{} kernel, stride {}x{}, {} -> {} channels{residual}{relu}{last}, {}",
             g.kernel[0],
             g.kernel[1],
             g.strides[0],
@@ -336,18 +420,18 @@ impl EvalOp for DenseConv {
             );
         }
         let g = &self.geometry;
-        let shape = inputs[0].shape();
+        let x_shape = inputs[0].shape();
+        let images = x_shape.first().copied().unwrap_or(0);
+        let expected = shape(self.layouts[0], images, g.channels, g.input);
         ensure!(
-            shape.len() == 4 && shape[1..] == [g.channels, g.input[0], g.input[1]],
-            "a convolution of {}x{}x{} images got input {shape:?}",
-            g.channels,
-            g.input[0],
-            g.input[1]
+            x_shape == &*expected,
+            "a convolution of {expected:?} images got input {x_shape:?}"
         );
-        let output_shape = self.output_shape(shape[0]);
+        let output_shape = self.output_shape(images);
+        let residual_shape = shape(self.layouts[1], images, self.output_channels, g.output());
         if let Some(residual) = inputs.get(1) {
             ensure!(
-                residual.shape() == &*output_shape,
+                residual.shape() == &*residual_shape,
                 "residual of the wrong shape"
             );
         }
@@ -368,10 +452,10 @@ impl TypedOp for DenseConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 1 + self.residual as usize);
         ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
-        let Some(shape) = inputs[0].shape.as_concrete() else {
+        let Some(x_shape) = inputs[0].shape.as_concrete() else {
             bail!("DenseConv needs a concrete input shape");
         };
-        Ok(tvec!(f32::fact(&*self.output_shape(shape[0]))))
+        Ok(tvec!(f32::fact(&*self.output_shape(x_shape[0]))))
     }
 
     as_op!();

@@ -7,7 +7,7 @@ use crate::ops::rows::on_two_threads;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
 use tract_onnx::tract_core::ops::math::{Add, Max};
-use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_onnx::tract_core::ops::nn::{DataFormat, Reduce, Reducer};
 
 /// A convolution to test: the geometry, output channels and images.
 struct Case {
@@ -32,10 +32,12 @@ fn case(channels: usize, input: Pair, kernel: Pair, strides: Pair, pads: [Pair; 
 }
 
 /// Shapes that are not multiples of any block: one channel (a stem), one output pixel, odd
-/// and uneven sizes, strides and paddings, a 1×1 shortcut, and two images.
+/// and uneven sizes, strides and paddings, a 1×1 shortcut, two images, and patches in chunks.
 fn cases() -> Vec<Case> {
     vec![
         case(1, [28, 28], [3, 3], [1, 1], [[1, 1], [1, 1]]),
+        // More patches than fit one chunk (`PATCH_CHUNK_BYTES`).
+        case(32, [28, 28], [3, 3], [1, 1], [[1, 1], [1, 1]]),
         case(3, [1, 1], [1, 1], [1, 1], [[0, 0], [0, 0]]),
         case(2, [1, 1], [3, 3], [1, 1], [[1, 1], [1, 1]]),
         case(7, [9, 6], [3, 2], [2, 1], [[1, 0], [2, 1]]),
@@ -104,33 +106,83 @@ fn definition(
     y
 }
 
+/// `images` channels-first images of `channels` planes of `pixels`, channels last.
+fn channels_last(values: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
+    let mut last = vec![0.0; values.len()];
+    for (first, last) in values
+        .chunks_exact(channels * pixels)
+        .zip(last.chunks_exact_mut(channels * pixels))
+    {
+        for c in 0..channels {
+            for p in 0..pixels {
+                last[p * channels + c] = first[c * pixels + p];
+            }
+        }
+    }
+    last
+}
+
+/// Channels-last images back to channels first.
+fn channels_first(values: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
+    let mut first = vec![0.0; values.len()];
+    for (last, first) in values
+        .chunks_exact(channels * pixels)
+        .zip(first.chunks_exact_mut(channels * pixels))
+    {
+        for c in 0..channels {
+            for p in 0..pixels {
+                first[c * pixels + p] = last[p * channels + c];
+            }
+        }
+    }
+    first
+}
+
 #[test]
-fn every_kernel_matches_the_definition() {
+fn every_kernel_matches_the_definition_in_every_layout() {
+    use Layout::{ChannelsFirst as First, ChannelsLast as Last};
     for (i, case) in cases().iter().enumerate() {
         let g = &case.geometry;
         let [out_h, out_w] = g.output();
-        let x = values(case.images * g.channels * g.input[0] * g.input[1], 1);
+        let (in_pixels, out_pixels) = (g.input[0] * g.input[1], out_h * out_w);
+        let x = values(case.images * g.channels * in_pixels, 1);
         let k = values(case.output_channels * g.patch_len(), 2);
         let b = values(case.output_channels, 3);
-        let r = values(case.images * case.output_channels * out_h * out_w, 4);
+        let r = values(case.images * case.output_channels * out_pixels, 4);
         for isa in Isa::available_float() {
             for (residual, relu) in [(false, false), (true, true), (false, true)] {
-                let mut op = DenseConv::new(isa, *g, &k, Some(&b)).unwrap();
-                op.residual = residual;
-                op.relu = relu;
-                let r = residual.then_some(&r[..]);
-                let mut out = vec![
-                    f32::NAN;
-                    r.map_or(0, <[f32]>::len)
-                        .max(case.images * case.output_channels * out_h * out_w)
-                ];
-                on_two_threads(|| op.apply(&x, r, &mut out));
-                let expected = definition(case, &x, &k, &b, r, relu);
-                for (at, (&got, &want)) in out.iter().zip(&expected).enumerate() {
-                    assert!(
-                        (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{isa}, case {i} ({g:?}), residual {residual}, relu {relu}, at {at}: {got} vs {want}"
-                    );
+                let expected = definition(case, &x, &k, &b, residual.then_some(&r[..]), relu);
+                for layouts in [
+                    [First; 3],
+                    [Last, First, Last],
+                    [First, Last, Last],
+                    [Last, Last, First],
+                ] {
+                    let mut op = DenseConv::new(isa, *g, &k, Some(&b)).unwrap();
+                    op.residual = residual;
+                    op.relu = relu;
+                    op.layouts = layouts;
+                    let x = match layouts[0] {
+                        First => x.clone(),
+                        Last => channels_last(&x, g.channels, in_pixels),
+                    };
+                    let r = match layouts[1] {
+                        First => r.clone(),
+                        Last => channels_last(&r, case.output_channels, out_pixels),
+                    };
+                    let r = residual.then_some(&r[..]);
+                    let mut out = vec![f32::NAN; expected.len()];
+                    on_two_threads(|| op.apply(&x, r, &mut out));
+                    if layouts[2] == Last {
+                        out = channels_first(&out, case.output_channels, out_pixels);
+                    }
+                    for (at, (&got, &want)) in out.iter().zip(&expected).enumerate() {
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{isa}, case {i} ({g:?}), residual {residual}, relu {relu}, \
+                             {layouts:?}, at {at}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -153,20 +205,16 @@ fn a_kernel_of_the_wrong_size_or_an_empty_geometry_is_an_error() {
     assert!(DenseConv::new(Isa::Portable, no_stride, &values(27, 1), None).is_err());
 }
 
-/// tract's `Conv` (with a ReLU, or a residual Add and a ReLU, after it) in a typed model.
-fn tract_model(case: &Case, tail: Tail) -> (TypedModel, TVec<TValue>) {
+/// tract's `Conv` of `x` by `case`'s geometry, with seeded kernel and bias.
+fn wire_conv(model: &mut TypedModel, name: &str, x: OutletId, case: &Case, seed: u32) -> OutletId {
     let g = &case.geometry;
-    let mut model = TypedModel::default();
-    let shape = [case.images, g.channels, g.input[0], g.input[1]];
-    let x = model.add_source("x", f32::fact(shape)).unwrap();
     let kernel_shape = [case.output_channels, g.channels, g.kernel[0], g.kernel[1]];
-    let kernel = tensor1(&values(kernel_shape.iter().product(), 2))
+    let kernel = tensor1(&values(kernel_shape.iter().product(), seed))
         .into_shape(&kernel_shape)
         .unwrap();
-    let kernel = model.add_const("kernel", kernel).unwrap();
-    let bias = model
-        .add_const("bias", tensor1(&values(case.output_channels, 3)))
-        .unwrap();
+    let kernel = model.add_const(format!("{name}.kernel"), kernel).unwrap();
+    let bias = tensor1(&values(case.output_channels, seed + 1));
+    let bias = model.add_const(format!("{name}.bias"), bias).unwrap();
     let conv = Conv {
         pool_spec: PoolSpec {
             data_format: DataFormat::NCHW,
@@ -184,36 +232,73 @@ fn tract_model(case: &Case, tail: Tail) -> (TypedModel, TVec<TValue>) {
         group: 1,
         q_params: None,
     };
-    let mut y = model.wire_node("conv", conv, &[x, kernel, bias]).unwrap()[0];
-    let mut inputs = tvec![
-        tensor1(&values(shape.iter().product(), 1))
-            .into_shape(&shape)
-            .unwrap()
-            .into_tvalue()
-    ];
+    model.wire_node(name, conv, &[x, kernel, bias]).unwrap()[0]
+}
+
+fn wire_relu(model: &mut TypedModel, name: &str, x: OutletId) -> OutletId {
+    let zero = model
+        .add_const(format!("{name}.zero"), tensor4(&[[[[0f32]]]]))
+        .unwrap();
+    model
+        .wire_node(name, TypedBinOp(Box::new(Max), None), &[x, zero])
+        .unwrap()[0]
+}
+
+fn wire_add(model: &mut TypedModel, name: &str, a: OutletId, b: OutletId) -> OutletId {
+    model
+        .wire_node(name, TypedBinOp(Box::new(Add), None), &[a, b])
+        .unwrap()[0]
+}
+
+fn concrete_shape(model: &TypedModel, outlet: OutletId) -> Vec<usize> {
+    model
+        .outlet_fact(outlet)
+        .unwrap()
+        .shape
+        .as_concrete()
+        .unwrap()
+        .to_vec()
+}
+
+fn seeded_input(shape: &[usize], seed: u32) -> TValue {
+    tensor1(&values(shape.iter().product(), seed))
+        .into_shape(shape)
+        .unwrap()
+        .into_tvalue()
+}
+
+/// tract's `Conv` (with a ReLU, or a residual Add and a ReLU, after it) in a typed model.
+fn tract_model(case: &Case, tail: Tail) -> (TypedModel, TVec<TValue>) {
+    let g = &case.geometry;
+    let mut model = TypedModel::default();
+    let shape = [case.images, g.channels, g.input[0], g.input[1]];
+    let x = model.add_source("x", f32::fact(shape)).unwrap();
+    let mut y = wire_conv(&mut model, "conv", x, case, 2);
+    let mut inputs = tvec![seeded_input(&shape, 1)];
     if tail == Tail::ResidualRelu {
-        let out_shape = model
-            .outlet_fact(y)
-            .unwrap()
-            .shape
-            .as_concrete()
-            .unwrap()
-            .to_vec();
+        let out_shape = concrete_shape(&model, y);
         let r = model.add_source("r", f32::fact(&out_shape)).unwrap();
-        y = model
-            .wire_node("add", TypedBinOp(Box::new(Add), None), &[y, r])
-            .unwrap()[0];
-        let r = tensor1(&values(out_shape.iter().product(), 4));
-        inputs.push(r.into_shape(&out_shape).unwrap().into_tvalue());
+        y = wire_add(&mut model, "add", y, r);
+        inputs.push(seeded_input(&out_shape, 4));
     }
     if tail != Tail::None {
-        let zero = model.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
-        y = model
-            .wire_node("relu", TypedBinOp(Box::new(Max), None), &[y, zero])
-            .unwrap()[0];
+        y = wire_relu(&mut model, "relu", y);
     }
     model.select_output_outlets(&[y]).unwrap();
     (model, inputs)
+}
+
+/// The output of `model` on `inputs`: its shape and values.
+fn run(model: TypedModel, inputs: &TVec<TValue>) -> (Vec<usize>, Vec<f32>) {
+    let plan = model.into_runnable().unwrap();
+    let output = plan.run(inputs.clone()).unwrap()[0].clone().into_tensor();
+    let values = output
+        .try_as_plain_ram()
+        .unwrap()
+        .as_slice::<f32>()
+        .unwrap()
+        .to_vec();
+    (output.shape().to_vec(), values)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -228,18 +313,7 @@ fn tracts_convolutions_are_fused_with_their_residual_and_relu() {
     for (i, case) in cases().iter().enumerate() {
         for tail in [Tail::None, Tail::Relu, Tail::ResidualRelu] {
             let (model, inputs) = tract_model(case, tail);
-            let run = |model: TypedModel| {
-                let plan = model.into_runnable().unwrap();
-                let output = plan.run(inputs.clone()).unwrap()[0].clone().into_tensor();
-                let values = output
-                    .try_as_plain_ram()
-                    .unwrap()
-                    .as_slice::<f32>()
-                    .unwrap()
-                    .to_vec();
-                (output.shape().to_vec(), values)
-            };
-            let expected = run(model.clone());
+            let expected = run(model.clone(), &inputs);
             for isa in Isa::available_float() {
                 let mut fused = model.clone();
                 assert_eq!(fuse_conv(&mut fused, isa).unwrap(), 1);
@@ -259,7 +333,7 @@ fn tracts_convolutions_are_fused_with_their_residual_and_relu() {
                     "{ops:?}"
                 );
                 assert!(!ops.iter().any(|op| op == "Max" || op == "Add"), "{ops:?}");
-                let got = run(fused);
+                let got = run(fused, &inputs);
                 assert_eq!(got.0, expected.0);
                 for (g, e) in got.1.iter().zip(&expected.1) {
                     assert!(
@@ -289,5 +363,94 @@ fn grouped_and_dilated_convolutions_stay_tracts() {
         }
         node.op = Box::new(op);
         assert_eq!(fuse_conv(&mut model, Isa::best()).unwrap(), 0);
+    }
+}
+
+/// A residual block as the exporter writes it: a stem, two 3×3 convolutions and a strided 1×1
+/// shortcut, with their ReLUs and residual Adds, ending in a global average pool.
+#[test]
+fn convolutions_that_feed_convolutions_hand_over_channels_last() {
+    let conv = |channels, input, kernel, strides, pad, output_channels| Case {
+        output_channels,
+        images: 2,
+        ..case(channels, input, kernel, strides, [pad, pad])
+    };
+    let mut model = TypedModel::default();
+    let shape = [2, 3, 9, 7];
+    let x = model.add_source("x", f32::fact(shape)).unwrap();
+    let stem = wire_conv(
+        &mut model,
+        "stem",
+        x,
+        &conv(3, [9, 7], [3, 3], [1, 1], [1, 1], 8),
+        10,
+    );
+    let stem = wire_relu(&mut model, "stem.relu", stem);
+    let first = wire_conv(
+        &mut model,
+        "first",
+        stem,
+        &conv(8, [9, 7], [3, 3], [2, 2], [1, 1], 12),
+        20,
+    );
+    let first = wire_relu(&mut model, "first.relu", first);
+    let shortcut = wire_conv(
+        &mut model,
+        "shortcut",
+        stem,
+        &conv(8, [9, 7], [1, 1], [2, 2], [0, 0], 12),
+        30,
+    );
+    let second = wire_conv(
+        &mut model,
+        "second",
+        first,
+        &conv(12, [5, 4], [3, 3], [1, 1], [1, 1], 12),
+        40,
+    );
+    let sum = wire_add(&mut model, "residual", second, shortcut);
+    let block = wire_relu(&mut model, "relu", sum);
+    let pool = model
+        .wire_node("pool", Reduce::new(tvec![2, 3], Reducer::Sum), &[block])
+        .unwrap()[0];
+    model.select_output_outlets(&[pool]).unwrap();
+    let inputs = tvec![seeded_input(&shape, 1)];
+    let expected = run(model.clone(), &inputs);
+    for isa in Isa::available_float() {
+        let mut fused = model.clone();
+        assert_eq!(fuse_conv(&mut fused, isa).unwrap(), 4);
+        // Every value passed from one DenseConv to another is channels last, and only those:
+        // three of the four outputs (the last feeds the pool), and every input but the
+        // stem's (which of the Add's two convolutions takes it in is the fusion's choice).
+        let is_conv = |outlet: OutletId| fused.node(outlet.node).op_is::<DenseConv>();
+        let mut handed_over = 0;
+        for node in fused.nodes().iter().filter(|n| n.op_is::<DenseConv>()) {
+            let op = node.op_as::<DenseConv>().unwrap();
+            for (slot, &input) in node.inputs.iter().enumerate() {
+                let want = if is_conv(input) {
+                    Layout::ChannelsLast
+                } else {
+                    Layout::ChannelsFirst
+                };
+                assert_eq!(op.layouts[slot], want, "{}", node.name);
+            }
+            let readers = &node.outputs[0].successors;
+            let to_convs = readers
+                .iter()
+                .all(|r| fused.node(r.node).op_is::<DenseConv>());
+            let want = if to_convs {
+                Layout::ChannelsLast
+            } else {
+                Layout::ChannelsFirst
+            };
+            assert_eq!(op.layouts[2], want, "{}", node.name);
+            handed_over += to_convs as usize;
+        }
+        assert_eq!(handed_over, 3);
+        let got = run(fused, &inputs);
+        assert_eq!(got.0, expected.0);
+        for (g, e) in got.1.iter().zip(&expected.1) {
+            assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa}: {g} vs {e}");
+        }
     }
 }
