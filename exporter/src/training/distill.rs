@@ -16,8 +16,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use rayon::prelude::*;
 use runtime::PreprocessConfig;
 use runtime::tract_onnx::prelude::{
-    DatumExt, Framework, InferenceModelExt, IntoRunnable, Tensor as TractTensor,
-    TypedRunnableModel, tvec,
+    DatumExt, Framework, IntoRunnable, Tensor as TractTensor, TypedRunnableModel, tvec,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -168,8 +167,8 @@ impl Teacher {
             // Logits only, whatever else the file outputs (attention maps).
             let logits = model.output_outlets().map_err(tract)?[0];
             model.select_output_outlets(&[logits]).map_err(tract)?;
-            let plan = model
-                .into_optimized()
+            // The runtime's own operators, as `runtime classify` runs the teacher.
+            let plan = runtime::model::optimized_f32(model)
                 .map_err(tract)?
                 .into_runnable()
                 .map_err(tract)?;

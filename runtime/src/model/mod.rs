@@ -21,7 +21,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::{
-    DatumExt, Framework, InferenceModelExt, IntoRunnable, TypedRunnableModel,
+    DatumExt, Framework, InferenceModel, InferenceModelExt, IntoRunnable, TractResult, TypedModel,
+    TypedRunnableModel,
 };
 
 /// Why a model could not be loaded.
@@ -346,11 +347,8 @@ impl Model {
         // The f16 translator and the attention fusion work on the decluttered graph;
         // into_optimized declutters anyway.
         let mut typed = model.into_typed().map_err(tract)?;
-        // Before declutter, which turns strided 1×1 convolutions into a Downsample and a
-        // product; with the constants propagated, so the kernels and biases are known.
-        if precision != Precision::F16 && (isa_forced || crate::ops::dense::beats_tract(isa)) {
-            typed.prop_consts().map_err(tract)?;
-            crate::ops::conv::fuse_conv(&mut typed, isa).map_err(tract)?;
+        if precision != Precision::F16 {
+            fuse_before_declutter(&mut typed, isa, isa_forced).map_err(tract)?;
         }
         let mut typed = typed.into_decluttered().map_err(tract)?;
         // Checked before the fusions, which assume at least one class.
@@ -377,25 +375,9 @@ impl Model {
             }
             typed = precision::to_f16(typed).map_err(tract)?;
         } else {
-            crate::ops::layer_norm::fuse_decomposed(&mut typed, isa).map_err(tract)?;
-            crate::ops::attention::fuse_attention(&mut typed, isa).map_err(tract)?;
-            // A kernel asked for runs even where tract's would be faster: that is what asking
-            // for it is for (tests, comparisons). The int8 products go first: a QDQ file's
-            // are f32 products by the time tract has folded its weights.
-            if isa_forced || crate::ops::dense_int8::beats_tract(isa) {
-                crate::ops::dense_int8::fuse_int8_dense(&mut typed, isa).map_err(tract)?;
-            }
-            if precision == Precision::Int8 {
-                crate::ops::attention::use_int8(&mut typed, isa);
-            }
-            if isa_forced || crate::ops::dense::beats_tract(isa) {
-                crate::ops::dense::fuse_dense(&mut typed, isa).map_err(tract)?;
-                crate::ops::conv::fuse_conv(&mut typed, isa).map_err(tract)?;
-            }
+            fuse_decluttered(&mut typed, precision, isa, isa_forced).map_err(tract)?;
         }
-        let mut optimized = typed.into_optimized().map_err(tract)?;
-        crate::ops::softmax::use_row_softmax(&mut optimized, isa);
-        crate::ops::layer_norm::use_isa(&mut optimized, isa);
+        let optimized = optimize(typed, isa).map_err(tract)?;
         let labels = match options.labels.clone() {
             Some(labels) => Some(labels),
             None => parse_json(&metadata, key::LABELS)?,
@@ -428,4 +410,60 @@ impl Model {
     pub fn classes(&self) -> usize {
         self.labels.len()
     }
+}
+
+/// `model` optimised with the runtime's own f32 operators where they beat tract's on this CPU:
+/// what a [`Model`] runs, for any input shape the model was given (the exporter's
+/// distillation teacher runs several images at a time).
+pub fn optimized_f32(model: InferenceModel) -> TractResult<TypedModel> {
+    let isa = Isa::best();
+    let mut typed = model.into_typed()?;
+    fuse_before_declutter(&mut typed, isa, false)?;
+    let mut typed = typed.into_decluttered()?;
+    fuse_decluttered(&mut typed, Precision::F32, isa, false)?;
+    optimize(typed, isa)
+}
+
+/// The fusions that need the graph as the file wrote it: convolutions, before declutter turns
+/// strided 1×1 ones into a Downsample and a product (with the constants propagated, so the
+/// kernels and biases are known).
+fn fuse_before_declutter(typed: &mut TypedModel, isa: Isa, isa_forced: bool) -> TractResult<()> {
+    if isa_forced || crate::ops::dense::beats_tract(isa) {
+        typed.prop_consts()?;
+        crate::ops::conv::fuse_conv(typed, isa)?;
+    }
+    Ok(())
+}
+
+/// The fusions of a decluttered f32 or int8 graph.
+fn fuse_decluttered(
+    typed: &mut TypedModel,
+    precision: Precision,
+    isa: Isa,
+    isa_forced: bool,
+) -> TractResult<()> {
+    crate::ops::layer_norm::fuse_decomposed(typed, isa)?;
+    crate::ops::attention::fuse_attention(typed, isa)?;
+    // A kernel asked for runs even where tract's would be faster: that is what asking for it
+    // is for (tests, comparisons). The int8 products go first: a QDQ file's are f32 products
+    // by the time tract has folded its weights.
+    if isa_forced || crate::ops::dense_int8::beats_tract(isa) {
+        crate::ops::dense_int8::fuse_int8_dense(typed, isa)?;
+    }
+    if precision == Precision::Int8 {
+        crate::ops::attention::use_int8(typed, isa);
+    }
+    if isa_forced || crate::ops::dense::beats_tract(isa) {
+        crate::ops::dense::fuse_dense(typed, isa)?;
+        crate::ops::conv::fuse_conv(typed, isa)?;
+    }
+    Ok(())
+}
+
+/// tract's optimisation, then the runtime's own softmax and LayerNorm kernels.
+fn optimize(typed: TypedModel, isa: Isa) -> TractResult<TypedModel> {
+    let mut optimized = typed.into_optimized()?;
+    crate::ops::softmax::use_row_softmax(&mut optimized, isa);
+    crate::ops::layer_norm::use_isa(&mut optimized, isa);
+    Ok(optimized)
 }
