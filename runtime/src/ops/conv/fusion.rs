@@ -121,6 +121,9 @@ fn dense_conv(model: &TypedModel, node: usize, isa: Isa) -> TractResult<Option<D
         pad_after: [padding[0].pad_after, padding[1].pad_after],
     };
     let output_channels = spec.output_channels;
+    if !geometry.is_valid() {
+        return Ok(None);
+    }
     if kernel.shape()
         != [
             output_channels,

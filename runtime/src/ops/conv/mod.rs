@@ -38,6 +38,10 @@ const TILE: usize = 16;
 /// The most patch values gathered at a time, in bytes: half of a 512 kB L2 cache.
 const PATCH_CHUNK_BYTES: usize = 256 << 10;
 
+/// The largest bordered image, in values, [`DenseConv`] takes (1 GiB of f32); tract keeps
+/// larger ones.
+const MAX_VALUES: usize = 1 << 28;
+
 /// Sizes along the height and the width.
 pub type Pair = [usize; 2];
 
@@ -78,11 +82,26 @@ impl Geometry {
         self.kernel[0] * self.kernel[1] * self.channels
     }
 
-    fn is_valid(&self) -> bool {
-        let padded = self.padded();
+    /// Whether the operator can compute this geometry: at least a channel, kernels and strides
+    /// of at least one, a kernel no larger than the bordered image, and a bordered image of at
+    /// most [`MAX_VALUES`] values (whatever a malformed file's sizes, no arithmetic overflows).
+    pub fn is_valid(&self) -> bool {
+        let padded = |a: usize| {
+            self.pad_before[a]
+                .checked_add(self.input[a])?
+                .checked_add(self.pad_after[a])
+        };
+        let (Some(height), Some(width)) = (padded(0), padded(1)) else {
+            return false;
+        };
+        let values = height
+            .checked_mul(width)
+            .and_then(|area| area.checked_mul(self.channels));
         self.channels > 0
-            && (0..2)
-                .all(|a| self.kernel[a] > 0 && self.strides[a] > 0 && self.kernel[a] <= padded[a])
+            && values.is_some_and(|values| values <= MAX_VALUES)
+            && (0..2).all(|a| {
+                self.kernel[a] > 0 && self.strides[a] > 0 && self.kernel[a] <= [height, width][a]
+            })
     }
 }
 

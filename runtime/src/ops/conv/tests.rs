@@ -198,6 +198,16 @@ fn a_kernel_of_the_wrong_size_or_an_empty_geometry_is_an_error() {
         ..g
     };
     assert!(DenseConv::new(Isa::Portable, too_big, &values(3 * 49, 1), None).is_err());
+    let overflowing = Geometry {
+        pad_after: [usize::MAX, 0],
+        ..g
+    };
+    assert!(!overflowing.is_valid());
+    let huge = Geometry {
+        input: [1 << 15, 1 << 15],
+        ..g
+    };
+    assert!(!huge.is_valid());
     let no_stride = Geometry {
         strides: [0, 1],
         ..g
