@@ -7,7 +7,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-/// Replace each f32 `Conv` of a decluttered model that [`DenseConv`] computes (NCHW, one
+/// Replace each f32 `Conv` of a typed model that [`DenseConv`] computes (NCHW, one
 /// group, no dilation, 2-D, a constant kernel and bias, a concrete input shape) by it, with the
 /// residual Add and the ReLU after it (each the only use of the one before); returns how many
 /// were replaced.

@@ -1,13 +1,13 @@
-//! A 2-D convolution (NCHW, one group, no dilation, a constant kernel) computed by
-//! [`DenseLinear`]'s kernels, with the ReLU and the residual Add that follow it.
+//! A 2-D convolution (one group, no dilation, a constant kernel) computed by [`DenseLinear`]'s
+//! kernels, with the residual Add and the ReLU that follow it.
 //!
 //! tract 0.23.9 gathers each convolution's image patches straight into its matrix kernel's
-//! packed layout, every run, and on the CNN teacher that gathering cost about as much as the
-//! products. [`DenseConv`] copies the image once into a zero-bordered, channels-last buffer,
-//! where each kernel row of a patch is one contiguous run; the patches, one row per output
-//! pixel, then go through a [`DenseLinear`] whose W was reordered once at load. So every
-//! instruction set with a dense kernel (AVX-512, AVX2, NEON, portable) has a convolution.
-//! [`fuse_conv`] puts it in place of tract's `Conv` in a decluttered model.
+//! packed layout, every run. [`DenseConv`] copies the image once into a zero-bordered,
+//! channels-last buffer, where each kernel row of a patch is one contiguous run; the patches,
+//! one row per output pixel, then go through a [`DenseLinear`] whose W was reordered once at
+//! load. So every instruction set with a dense kernel (AVX-512, AVX2, NEON, portable) has a
+//! convolution. Convolutions that feed only convolutions pass each other channels-last images.
+//! [`fuse_conv`] puts it in place of tract's `Conv` in a typed model.
 
 use std::cell::RefCell;
 
