@@ -308,6 +308,7 @@ fn names(isas: &[Isa]) -> String {
 #[cfg(test)]
 pub(crate) mod properties {
     use proptest::prelude::*;
+    use tract_onnx::tract_core::internal::*;
 
     /// `len` values in [-4, 4); with `specials`, now and then NaN, +∞ or −∞ among them.
     pub fn values(len: usize, specials: bool) -> impl Strategy<Value = Vec<f32>> {
@@ -319,6 +320,19 @@ pub(crate) mod properties {
             rare => Just(f32::NEG_INFINITY),
         ];
         prop::collection::vec(value, len)
+    }
+
+    /// The output of `model` on `inputs`: its shape and values.
+    pub fn run_model(model: TypedModel, inputs: &TVec<TValue>) -> (Vec<usize>, Vec<f32>) {
+        let plan = model.into_runnable().unwrap();
+        let output = plan.run(inputs.clone()).unwrap()[0].clone().into_tensor();
+        let values = output
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec();
+        (output.shape().to_vec(), values)
     }
 
     /// `len` values in [-1, 1] from `seed` (xorshift): the same inputs on every run, for the

@@ -52,3 +52,54 @@ pub(crate) fn through_unit_axes(model: &TypedModel, mut outlet: OutletId) -> Out
         }
     }
 }
+
+/// The Add node that is `node`'s only use and its other operand, if the sum keeps `node`'s
+/// shape.
+pub(crate) fn add_after(model: &TypedModel, node: usize) -> TractResult<Option<(usize, OutletId)>> {
+    let Some(add) = model.single_succ(node)? else {
+        return Ok(None);
+    };
+    let same_shape = add.outputs[0].fact.shape == model.node(node).outputs[0].fact.shape;
+    let other = add.inputs.iter().copied().find(|i| i.node != node);
+    match other {
+        Some(other) if is_bin(add, "Add") && same_shape => Ok(Some((add.id, other))),
+        _ => Ok(None),
+    }
+}
+
+/// The other operand and the Add node if `node`'s only use is being added to a computed f32
+/// tensor of its own shape.
+pub(crate) fn residual_after(
+    model: &TypedModel,
+    node: usize,
+) -> TractResult<Option<(OutletId, usize)>> {
+    let Some((add, other)) = add_after(model, node)? else {
+        return Ok(None);
+    };
+    let other_fact = model.outlet_fact(other)?;
+    let same = other_fact.shape == model.node(node).outputs[0].fact.shape;
+    if !same || other_fact.konst.is_some() || other_fact.datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    Ok(Some((other, add)))
+}
+
+/// Put `op`, computed from `inputs`, in place of the nodes up to `last` (whose output it
+/// takes over), named `name`; `what` says what they were fused into.
+pub(crate) fn replace_nodes(
+    model: &mut TypedModel,
+    what: &str,
+    name: &str,
+    op: impl Into<Box<dyn TypedOp>>,
+    inputs: &[OutletId],
+    last: usize,
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::new(format!("fuse {name} into {what}"));
+    let inputs = inputs
+        .iter()
+        .map(|&input| patch.tap_model(model, input))
+        .collect::<TractResult<TVec<_>>>()?;
+    let wire = patch.wire_node(name, op, &inputs)?[0];
+    patch.shunt_outside(model, last.into(), wire)?;
+    patch.apply(model)
+}

@@ -1,8 +1,8 @@
-//! Where [`DenseConv`] replaces tract's `Conv` in a decluttered model.
+//! Where [`DenseConv`] replaces tract's `Conv` in a typed model.
 
 use super::{DenseConv, Geometry, Layout};
 use crate::ops::Isa;
-use crate::ops::patterns::{constant_operand, is_bin, nodes_with_op};
+use crate::ops::patterns::{constant_operand, nodes_with_op, replace_nodes, residual_after};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
@@ -29,14 +29,10 @@ pub fn fuse_conv(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
         };
         let last = relu.map_or(last, |relu| relu.id);
         let name = model.node(node).name.clone();
-        let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense convolution"));
-        let mut inputs = tvec![patch.tap_model(model, model.node(node).inputs[0])?];
-        if let Some(residual) = residual {
-            inputs.push(patch.tap_model(model, residual)?);
-        }
-        let wire = patch.wire_node(&name, op, &inputs)?[0];
-        patch.shunt_outside(model, last.into(), wire)?;
-        patch.apply(model)?;
+        let inputs: TVec<OutletId> = std::iter::once(model.node(node).inputs[0])
+            .chain(residual)
+            .collect();
+        replace_nodes(model, "a dense convolution", &name, op, &inputs, last)?;
         fused += 1;
     }
     if fused > 0 {
@@ -145,26 +141,6 @@ fn dense_conv(model: &TypedModel, node: usize, isa: Isa) -> TractResult<Option<D
         _ => return Ok(None),
     };
     DenseConv::new(isa, geometry, kernel.as_slice::<f32>()?, bias).map(Some)
-}
-
-/// The other operand of the Add that is the only use of `node`'s output, if that operand is
-/// computed and of the same shape (a residual block's shortcut), and the Add.
-fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(OutletId, usize)>> {
-    let Some(add) = model.single_succ(node)? else {
-        return Ok(None);
-    };
-    if !is_bin(add, "Add") {
-        return Ok(None);
-    }
-    let ours = OutletId::new(node, 0);
-    let Some(&other) = add.inputs.iter().find(|&&input| input != ours) else {
-        return Ok(None);
-    };
-    let (fact, other_fact) = (model.outlet_fact(ours)?, model.outlet_fact(other)?);
-    let same = other_fact.konst.is_none()
-        && other_fact.datum_type == f32::datum_type()
-        && other_fact.shape == fact.shape;
-    Ok(same.then_some((other, add.id)))
 }
 
 /// Whether `node` is an f32 ReLU: the Max of a value and a constant zero, the value's shape.

@@ -65,11 +65,8 @@ pub struct Geometry {
 impl Geometry {
     /// The output's height and width.
     pub fn output(&self) -> Pair {
-        std::array::from_fn(|a| {
-            (self.input[a] + self.pad_before[a] + self.pad_after[a] - self.kernel[a])
-                / self.strides[a]
-                + 1
-        })
+        let padded = self.padded();
+        std::array::from_fn(|a| (padded[a] - self.kernel[a]) / self.strides[a] + 1)
     }
 
     /// The zero-bordered image's height and width.

@@ -2,7 +2,7 @@
 //! fusion against tract's own convolution.
 
 use super::*;
-use crate::ops::properties::seeded as values;
+use crate::ops::properties::{run_model, seeded as values};
 use crate::ops::rows::on_two_threads;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
@@ -106,36 +106,21 @@ fn definition(
     y
 }
 
-/// `images` channels-first images of `channels` planes of `pixels`, channels last.
-fn channels_last(values: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
-    let mut last = vec![0.0; values.len()];
-    for (first, last) in values
-        .chunks_exact(channels * pixels)
-        .zip(last.chunks_exact_mut(channels * pixels))
+/// Each of the `rows × columns` matrices in `values` (one per image) transposed: channels-first
+/// images of `channels × pixels` to channels last, and `pixels × channels` back.
+fn transposed(values: &[f32], rows: usize, columns: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for (from, to) in values
+        .chunks_exact(rows * columns)
+        .zip(out.chunks_exact_mut(rows * columns))
     {
-        for c in 0..channels {
-            for p in 0..pixels {
-                last[p * channels + c] = first[c * pixels + p];
+        for r in 0..rows {
+            for c in 0..columns {
+                to[c * rows + r] = from[r * columns + c];
             }
         }
     }
-    last
-}
-
-/// Channels-last images back to channels first.
-fn channels_first(values: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
-    let mut first = vec![0.0; values.len()];
-    for (last, first) in values
-        .chunks_exact(channels * pixels)
-        .zip(first.chunks_exact_mut(channels * pixels))
-    {
-        for c in 0..channels {
-            for p in 0..pixels {
-                first[c * pixels + p] = last[p * channels + c];
-            }
-        }
-    }
-    first
+    out
 }
 
 #[test]
@@ -164,17 +149,17 @@ fn every_kernel_matches_the_definition_in_every_layout() {
                     op.layouts = layouts;
                     let x = match layouts[0] {
                         First => x.clone(),
-                        Last => channels_last(&x, g.channels, in_pixels),
+                        Last => transposed(&x, g.channels, in_pixels),
                     };
                     let r = match layouts[1] {
                         First => r.clone(),
-                        Last => channels_last(&r, case.output_channels, out_pixels),
+                        Last => transposed(&r, case.output_channels, out_pixels),
                     };
                     let r = residual.then_some(&r[..]);
                     let mut out = vec![f32::NAN; expected.len()];
                     on_two_threads(|| op.apply(&x, r, &mut out));
                     if layouts[2] == Last {
-                        out = channels_first(&out, case.output_channels, out_pixels);
+                        out = transposed(&out, out_pixels, case.output_channels);
                     }
                     for (at, (&got, &want)) in out.iter().zip(&expected).enumerate() {
                         assert!(
@@ -298,19 +283,6 @@ fn tract_model(case: &Case, tail: Tail) -> (TypedModel, TVec<TValue>) {
     (model, inputs)
 }
 
-/// The output of `model` on `inputs`: its shape and values.
-fn run(model: TypedModel, inputs: &TVec<TValue>) -> (Vec<usize>, Vec<f32>) {
-    let plan = model.into_runnable().unwrap();
-    let output = plan.run(inputs.clone()).unwrap()[0].clone().into_tensor();
-    let values = output
-        .try_as_plain_ram()
-        .unwrap()
-        .as_slice::<f32>()
-        .unwrap()
-        .to_vec();
-    (output.shape().to_vec(), values)
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Tail {
     None,
@@ -323,7 +295,7 @@ fn tracts_convolutions_are_fused_with_their_residual_and_relu() {
     for (i, case) in cases().iter().enumerate() {
         for tail in [Tail::None, Tail::Relu, Tail::ResidualRelu] {
             let (model, inputs) = tract_model(case, tail);
-            let expected = run(model.clone(), &inputs);
+            let expected = run_model(model.clone(), &inputs);
             for isa in Isa::available_float() {
                 let mut fused = model.clone();
                 assert_eq!(fuse_conv(&mut fused, isa).unwrap(), 1);
@@ -343,7 +315,7 @@ fn tracts_convolutions_are_fused_with_their_residual_and_relu() {
                     "{ops:?}"
                 );
                 assert!(!ops.iter().any(|op| op == "Max" || op == "Add"), "{ops:?}");
-                let got = run(fused, &inputs);
+                let got = run_model(fused, &inputs);
                 assert_eq!(got.0, expected.0);
                 for (g, e) in got.1.iter().zip(&expected.1) {
                     assert!(
@@ -425,7 +397,7 @@ fn convolutions_that_feed_convolutions_hand_over_channels_last() {
         .unwrap()[0];
     model.select_output_outlets(&[pool]).unwrap();
     let inputs = tvec![seeded_input(&shape, 1)];
-    let expected = run(model.clone(), &inputs);
+    let expected = run_model(model.clone(), &inputs);
     for isa in Isa::available_float() {
         let mut fused = model.clone();
         assert_eq!(fuse_conv(&mut fused, isa).unwrap(), 4);
@@ -457,7 +429,7 @@ fn convolutions_that_feed_convolutions_hand_over_channels_last() {
             handed_over += to_convs as usize;
         }
         assert_eq!(handed_over, 3);
-        let got = run(fused, &inputs);
+        let got = run_model(fused, &inputs);
         assert_eq!(got.0, expected.0);
         for (g, e) in got.1.iter().zip(&expected.1) {
             assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa}: {g} vs {e}");

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::ops::patterns::{is_bin, nodes_with_op};
+use crate::ops::patterns::{add_after, nodes_with_op, replace_nodes, residual_after};
 use crate::ops::rows::for_each_share;
 use crate::ops::{AlignedBuffer, Isa};
 use tract_onnx::tract_core::internal::*;
@@ -497,14 +497,8 @@ fn replace_with(
     x: OutletId,
     tail: &Tail,
 ) -> TractResult<()> {
-    let mut patch = TypedModelPatch::new(format!("fuse {name} into a dense layer"));
-    let mut inputs = tvec![patch.tap_model(model, x)?];
-    if let Some(residual) = tail.residual {
-        inputs.push(patch.tap_model(model, residual)?);
-    }
-    let wire = patch.wire_node(name, op, &inputs)?[0];
-    patch.shunt_outside(model, tail.last.into(), wire)?;
-    patch.apply(model)
+    let inputs: TVec<OutletId> = std::iter::once(x).chain(tail.residual).collect();
+    replace_nodes(model, "a dense layer", name, op, &inputs, tail.last)
 }
 
 /// An EinSum read as a linear layer.
@@ -599,20 +593,6 @@ pub(crate) fn linear_form(
     }))
 }
 
-/// The Add node that is `node`'s only use and its other operand, if the sum keeps `node`'s
-/// shape.
-fn add_after(model: &TypedModel, node: usize) -> TractResult<Option<(usize, OutletId)>> {
-    let Some(add) = model.single_succ(node)? else {
-        return Ok(None);
-    };
-    let same_shape = add.outputs[0].fact.shape == model.node(node).outputs[0].fact.shape;
-    let other = add.inputs.iter().copied().find(|i| i.node != node);
-    match other {
-        Some(other) if is_bin(add, "Add") && same_shape => Ok(Some((add.id, other))),
-        _ => Ok(None),
-    }
-}
-
 /// The bias and the Add node if `einsum`'s only use is adding a constant that varies along
 /// the last axis only (`[1, …, width]`).
 fn bias_after(
@@ -637,20 +617,6 @@ fn is_f32_gelu(node: &TypedNode) -> bool {
     node.op_as::<ElementWiseOp>()
         .is_some_and(|op| op.0.is::<GeluExact>() && op.1.is_none())
         && node.outputs[0].fact.datum_type == f32::datum_type()
-}
-
-/// The other operand and the Add node if `node`'s only use is being added to a computed f32
-/// tensor of its own shape.
-fn residual_after(model: &TypedModel, node: usize) -> TractResult<Option<(OutletId, usize)>> {
-    let Some((add, other)) = add_after(model, node)? else {
-        return Ok(None);
-    };
-    let other_fact = model.outlet_fact(other)?;
-    let same = other_fact.shape == model.node(node).outputs[0].fact.shape;
-    if !same || other_fact.konst.is_some() || other_fact.datum_type != f32::datum_type() {
-        return Ok(None);
-    }
-    Ok(Some((other, add)))
 }
 
 #[cfg(test)]

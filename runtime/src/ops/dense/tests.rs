@@ -2,7 +2,7 @@
 //! fusions tract's graphs get, and the packed layouts.
 
 use super::*;
-use crate::ops::properties::seeded as values;
+use crate::ops::properties::{run_model, seeded as values};
 use crate::ops::rows::on_two_threads;
 
 /// Every row block remainder (1–6 rows), partial panels and the threaded path.
@@ -190,17 +190,7 @@ impl Layer<'_> {
             inputs.push(r.into_shape(&shape).unwrap().into_tvalue());
         }
         model.select_output_outlets(&[y]).unwrap();
-        let run = |model: TypedModel| {
-            let plan = model.into_runnable().unwrap();
-            let output = plan.run(inputs.clone()).unwrap()[0].clone().into_tensor();
-            let values = output
-                .try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec();
-            (output.shape().to_vec(), values)
-        };
+        let run = |model: TypedModel| run_model(model, &inputs);
         let expected = run(model.clone());
         let mut descriptions = Vec::new();
         for isa in Isa::available_float() {
