@@ -70,10 +70,8 @@ const SHARES_PER_THREAD: usize = 1;
 
 /// `f(first_row, rows)` over shares of `out`'s `row_len`-long rows, on as many threads as
 /// tract's executor has (the calling one and the `team`'s helpers) when `macs` reaches
-/// [`PARALLEL_MACS`]. Each share is a whole number of `block` rows: an operator
-/// computing `block` rows at a time would otherwise run a partial block in most shares (tract's
-/// split of 25 rows into blocks of 6 computes 30). A build without the `threads` feature
-/// computes every row on the calling thread.
+/// [`PARALLEL_MACS`]. Shares are as even as [`share_len`] makes them. A build without the
+/// `threads` feature computes every row on the calling thread.
 pub(crate) fn for_each_share(
     out: &mut [f32],
     row_len: usize,
@@ -97,8 +95,7 @@ pub(crate) fn for_each_share(
             Executor::RayonGlobal => rayon::current_num_threads(),
             Executor::SingleThread => 1,
         };
-        let blocks = rows.div_ceil(block);
-        let share = blocks.div_ceil(SHARES_PER_THREAD * threads) * block;
+        let share = share_len(rows, block, SHARES_PER_THREAD * threads);
         if threads < 2 || rows <= share {
             return f(0, out);
         }
@@ -112,6 +109,21 @@ pub(crate) fn for_each_share(
             }
         };
         super::team::run_on(threads.min(rows.div_ceil(share)), &work);
+    }
+}
+
+/// Rows per share for `rows` rows in `shares` shares: whole `block`s, so that an operator
+/// computing `block` rows at a time runs a partial block in one share at most, unless that
+/// leaves a share more than a sixteenth above an even split (a convolution's 7 × 7 pixels in
+/// blocks of 12 would go 36 + 13). The kernels compute a partial block as smaller blocks.
+#[cfg(feature = "threads")]
+fn share_len(rows: usize, block: usize, shares: usize) -> usize {
+    let even = rows.div_ceil(shares);
+    let whole_blocks = rows.div_ceil(block).div_ceil(shares) * block;
+    if whole_blocks * 16 <= even * 17 {
+        whole_blocks
+    } else {
+        even
     }
 }
 
@@ -149,6 +161,16 @@ mod tests {
         let mut seen = seen.into_inner().unwrap();
         seen.sort();
         seen
+    }
+
+    #[test]
+    fn shares_are_even_where_whole_blocks_would_not_be() {
+        // 49 pixels in blocks of 12: whole blocks would give one thread 36 rows.
+        assert_eq!(shares(49, 12, PARALLEL_MACS), [(0, 25), (25, 24)]);
+        // 196 in blocks of 12: whole blocks (108 + 88) are 10 % above even.
+        assert_eq!(shares(196, 12, PARALLEL_MACS), [(0, 98), (98, 98)]);
+        // 768 in blocks of 12: 32 whole blocks each.
+        assert_eq!(shares(768, 12, PARALLEL_MACS), [(0, 384), (384, 384)]);
     }
 
     #[test]
