@@ -3,15 +3,15 @@
 //!
 //! tract 0.23.9 gathers each convolution's image patches straight into its matrix kernel's
 //! packed layout, every run. [`DenseConv`] copies the image once into a zero-bordered,
-//! channels-last buffer, where each kernel row of a patch is one contiguous run; the patches,
-//! one row per output pixel, then go through a [`DenseLinear`] whose W was reordered once at
-//! load. So every instruction set with a dense kernel (AVX-512, AVX2, NEON, portable) has a
-//! convolution. Convolutions that feed only convolutions pass each other channels-last images.
+//! channels-last buffer, where each kernel row of a patch is one contiguous run. A
+//! [`DenseLinear`] whose W was reordered once at load reads the patches there, one row per
+//! output pixel ([`InputRows::patches`]), so no patch is copied. Every instruction set with a
+//! dense kernel (AVX-512, AVX2, NEON, portable) has a convolution. Convolutions that feed only convolutions pass each other channels-last images.
 //! [`fuse_conv`] puts it in place of tract's `Conv` in a typed model.
 
 use std::cell::RefCell;
 
-use crate::ops::dense::DenseLinear;
+use crate::ops::dense::{DenseLinear, InputRows, Windows};
 use crate::ops::rows::for_each_share;
 use crate::ops::{Isa, aligned, with_buffer};
 use tract_onnx::tract_core::internal::*;
@@ -25,8 +25,6 @@ pub use fusion::fuse_conv;
 thread_local! {
     /// The image, channels last, with its zero border.
     static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// One patch per output pixel.
-    static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The products, channels last.
     static PRODUCTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -35,7 +33,8 @@ thread_local! {
 /// line of f32 on the channels-first side.
 const TILE: usize = 16;
 
-/// The most patch values gathered at a time, in bytes: half of a 512 kB L2 cache.
+/// The most patch values one pass over W's panels reads, in bytes: half of a 512 kB L2
+/// cache (the windows overlap, so the image values they read take less).
 const PATCH_CHUNK_BYTES: usize = 256 << 10;
 
 /// The largest bordered image, in values, [`DenseConv`] takes (1 GiB of f32); tract keeps
@@ -216,26 +215,33 @@ impl DenseConv {
                 for_each_share(padded, padded_row, 1, macs, |first, rows| {
                     self.pad(x, x_layout, first, rows)
                 });
-                let padded = &*padded;
+                let patches = InputRows::patches(
+                    padded,
+                    Windows {
+                        runs: g.kernel[0],
+                        run: g.kernel[1] * g.channels,
+                        image_row: padded_row,
+                        image: padded_height * padded_row,
+                        output: [out_height, out_width],
+                        steps: [g.strides[0] * padded_row, g.strides[1] * g.channels],
+                    },
+                );
                 let block = self.product.row_block();
-                // A share's patches a chunk at a time, so that they stay in the L2 cache
-                // whatever the number of images.
+                // A share's pixels a chunk at a time, so that the image values their patches
+                // read stay in the L2 cache while every panel of W passes over them.
                 let chunk = (PATCH_CHUNK_BYTES / (patch * size_of::<f32>()) / block).max(1) * block;
                 let compute = |sums: &mut [f32]| {
                     for_each_share(sums, channels, block, macs, |share_first, share| {
-                        with_buffer(&PATCHES, |patches| {
-                            for (c, rows) in share.chunks_mut(chunk * channels).enumerate() {
-                                let first = share_first + c * chunk;
-                                let patches = aligned(patches, rows.len() / channels * patch);
-                                self.gather_patches(padded, first, patches);
-                                let kernel_residual =
-                                    kernel_residual.map(|r| &r[first * channels..][..rows.len()]);
-                                self.product.rows(patches, kernel_residual, rows);
-                                if y_layout == Layout::ChannelsLast {
-                                    self.finish_channels_last(residual, first, rows);
-                                }
+                        for (c, rows) in share.chunks_mut(chunk * channels).enumerate() {
+                            let first = share_first + c * chunk;
+                            let kernel_residual =
+                                kernel_residual.map(|r| &r[first * channels..][..rows.len()]);
+                            self.product
+                                .rows(patches.from(first), kernel_residual, rows);
+                            if y_layout == Layout::ChannelsLast {
+                                self.finish_channels_last(residual, first, rows);
                             }
-                        })
+                        }
                     })
                 };
                 match y_layout {
@@ -308,28 +314,6 @@ impl DenseConv {
                 for y in row.iter_mut() {
                     *y = y.max(0.0);
                 }
-            }
-        }
-    }
-
-    /// The patches of the output pixels from `first` on (counted over all images), one row
-    /// each: the kernel's window over `padded`, a contiguous run of `kernel width × channels`
-    /// values per kernel row.
-    fn gather_patches(&self, padded: &[f32], first: usize, patches: &mut [f32]) {
-        let g = &self.geometry;
-        let [padded_height, padded_width] = g.padded();
-        let padded_len = padded_height * padded_width * g.channels;
-        let [out_height, out_width] = g.output();
-        let pixels = out_height * out_width;
-        let run = g.kernel[1] * g.channels;
-        for (i, row) in patches.chunks_exact_mut(g.patch_len()).enumerate() {
-            let (image, pixel) = ((first + i) / pixels, (first + i) % pixels);
-            let (oy, ox) = (pixel / out_width, pixel % out_width);
-            let padded = &padded[image * padded_len..][..padded_len];
-            for (ky, part) in row.chunks_exact_mut(run).enumerate() {
-                let y = oy * g.strides[0] + ky;
-                let start = (y * padded_width + ox * g.strides[1]) * g.channels;
-                part.copy_from_slice(&padded[start..][..run]);
             }
         }
     }

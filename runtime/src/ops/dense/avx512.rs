@@ -4,7 +4,7 @@
 //! that are not multiples of 48 (the shipped model's 64 and 128). The bias starts the sums;
 //! GELU and the residual are applied to the block before its one store.
 
-use super::DenseLinear;
+use super::{DenseLinear, InputRows};
 use crate::ops::avx512::{LANES, first_lanes, gelu, rows_times_panel};
 use std::arch::x86_64::*;
 
@@ -24,7 +24,12 @@ pub(super) fn block(width: usize) -> (usize, usize) {
 /// # Safety
 /// The CPU has AVX-512F.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn rows(op: &DenseLinear, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+pub(super) unsafe fn rows(
+    op: &DenseLinear,
+    x: InputRows,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) {
     // SAFETY: the CPU has AVX-512F.
     unsafe {
         match block(op.width) {
@@ -42,14 +47,15 @@ pub(super) unsafe fn rows(op: &DenseLinear, x: &[f32], residual: Option<&[f32]>,
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_with<const V: usize, const ROWS: usize>(
     op: &DenseLinear,
-    x: &[f32],
+    x: InputRows,
     residual: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let columns_per_panel = V * LANES;
     let (depth, width) = (op.depth, op.width);
     let rows = out.len() / width;
-    assert!(x.len() >= rows * depth && residual.is_none_or(|r| r.len() == out.len()));
+    assert!(x.depth() == depth && residual.is_none_or(|r| r.len() == out.len()));
+    x.check(rows);
     assert!(op.panels.len() == width.div_ceil(columns_per_panel) * depth * columns_per_panel);
     let panels = op.panels.chunks_exact(depth * columns_per_panel);
     let next_panels = panels.clone().skip(1).map(Some).chain([None]);
@@ -65,7 +71,6 @@ unsafe fn rows_with<const V: usize, const ROWS: usize>(
         let columns = columns_per_panel.min(width - column);
         let mut block = Block::<V> {
             panel: panel.as_ptr(),
-            depth,
             width,
             // SAFETY: the bias is padded to whole panels.
             bias: std::array::from_fn(|v| unsafe {
@@ -73,14 +78,15 @@ unsafe fn rows_with<const V: usize, const ROWS: usize>(
             }),
             masks: std::array::from_fn(|v| first_lanes(columns.saturating_sub(v * LANES))),
             gelu: op.gelu,
-            x: x.as_ptr(),
+            x,
             residual: residual.map(|r| r[column..].as_ptr()),
             out: out[column..].as_mut_ptr(),
         };
         let mut first = 0;
         while first < rows {
             // Whole blocks, then the rest in blocks of 8, 4, 2 and 1 rows, so none is wasted.
-            // SAFETY: `first + R ≤ rows`, and the slices hold `rows` rows (asserted above).
+            // SAFETY: `first + R ≤ rows`, and x, `out` and `residual` hold `rows` rows
+            // (checked above).
             let done = unsafe {
                 match rows - first {
                     n if n >= ROWS => block.compute::<ROWS>(first),
@@ -96,36 +102,41 @@ unsafe fn rows_with<const V: usize, const ROWS: usize>(
 }
 
 /// One panel of W, and where its rows go.
-struct Block<const V: usize> {
+struct Block<'a, const V: usize> {
     panel: *const f32,
-    depth: usize,
     width: usize,
     bias: [__m512; V],
     /// The panel's columns that are outputs (the rest is padding).
     masks: [__mmask16; V],
     gelu: bool,
-    x: *const f32,
+    x: InputRows<'a>,
     /// The residual and the output from the panel's first column.
     residual: Option<*const f32>,
     out: *mut f32,
 }
 
-impl<const V: usize> Block<V> {
+impl<const V: usize> Block<'_, V> {
     /// Rows `first..first + R`; returns `R`.
     ///
     /// # Safety
-    /// `x`, `residual` and `out` hold those rows, and the CPU has AVX-512F.
+    /// x (checked), `residual` and `out` hold those rows, and the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn compute<const R: usize>(&mut self, first: usize) -> usize {
-        let mut x = [std::ptr::null(); R];
-        for (r, x) in x.iter_mut().enumerate() {
-            // SAFETY: row `first + r` of x exists.
-            *x = unsafe { self.x.add((first + r) * self.depth) };
-        }
+        let (runs, run) = self.x.runs();
+        let starts = self.x.starts::<R>(first);
         let mut sums = [self.bias; R];
-        // SAFETY: the rows hold `depth` values and the panel `depth` rows of V vectors.
-        unsafe { rows_times_panel::<R, V>(&x, self.depth, self.panel, &mut sums) };
+        for k in 0..runs {
+            // SAFETY: the rows were checked (see above).
+            let x: [*const f32; R] =
+                std::array::from_fn(|r| unsafe { self.x.run_start(starts[r], k) });
+            // SAFETY: each run holds `run` values, and the panel's rows from `k · run` on hold
+            // `run` rows of V vectors, since `runs · run` is its depth.
+            unsafe {
+                let panel = self.panel.add(k * run * V * LANES);
+                rows_times_panel::<R, V>(&x, run, panel, &mut sums)
+            };
+        }
         for (r, row) in sums.iter().enumerate() {
             let at = (first + r) * self.width;
             for (v, &sum) in row.iter().enumerate() {

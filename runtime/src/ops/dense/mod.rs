@@ -24,9 +24,12 @@ use tract_onnx::tract_core::ops::nn::GeluExact;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod input;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod portable;
+
+pub(crate) use input::{InputRows, Windows};
 
 pub(crate) use portable::gelu;
 
@@ -215,13 +218,13 @@ impl DenseLinear {
             let rows = out.len() / self.width;
             let x = &x[first_row * self.depth..][..rows * self.depth];
             let residual = residual.map(|r| &r[first_row * self.width..][..out.len()]);
-            self.rows(x, residual, out);
+            self.rows(InputRows::matrix(x, self.depth), residual, out);
         });
     }
 
     /// The output rows `out` from the rows `x` (and `residual`), on the operator's kernel, on
     /// the calling thread.
-    pub(crate) fn rows(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+    pub(crate) fn rows(&self, x: InputRows, residual: Option<&[f32]>, out: &mut [f32]) {
         assert!(
             self.isa.runs_here(),
             "{} kernel on a CPU without it",

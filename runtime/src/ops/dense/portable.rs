@@ -2,7 +2,7 @@
 //! columns, which the compiler keeps in vector registers (twelve of the sixteen AVX2 ones; the
 //! AVX2 kernel is this code compiled for AVX2 and FMA).
 
-use super::DenseLinear;
+use super::{DenseLinear, InputRows};
 use crate::ops::rows::{PANEL_WIDTH, rows_times_panel};
 use crate::ops::softmax::multiply_add;
 
@@ -12,7 +12,7 @@ pub(super) const COLUMNS: usize = PANEL_WIDTH;
 pub(super) const ROWS: usize = 6;
 
 /// The output rows `out` from the rows `x` (and `residual`).
-pub(super) fn rows(op: &DenseLinear, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+pub(super) fn rows(op: &DenseLinear, x: InputRows, residual: Option<&[f32]>, out: &mut [f32]) {
     // aarch64 always has a fused multiply-add; elsewhere `mul_add` would be a libm call.
     rows_with::<{ cfg!(target_arch = "aarch64") }>(op, x, residual, out);
 }
@@ -21,11 +21,12 @@ pub(super) fn rows(op: &DenseLinear, x: &[f32], residual: Option<&[f32]>, out: &
 #[inline(always)]
 pub(super) fn rows_with<const FMA: bool>(
     op: &DenseLinear,
-    x: &[f32],
+    x: InputRows,
     residual: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let (depth, width) = (op.depth, op.width);
+    assert_eq!(x.depth(), depth);
     let rows = out.len() / width;
     let panels = op.panels.chunks_exact(depth * COLUMNS);
     let (biases, _) = op.bias.as_chunks::<COLUMNS>();
@@ -39,7 +40,7 @@ pub(super) fn rows_with<const FMA: bool>(
             gelu: op.gelu,
         };
         for first in (0..rows).step_by(ROWS) {
-            let x = &x[first * depth..];
+            let x = x.from(first);
             let at = first * width + column;
             let residual = residual.map(|r| &r[at..]);
             let out = &mut out[at..];
@@ -71,13 +72,22 @@ impl Block<'_> {
     #[inline(always)]
     fn compute<const FMA: bool, const R: usize>(
         &self,
-        x: &[f32],
+        x: InputRows,
         residual: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let depth = self.panel.len() / COLUMNS;
-        let x: [&[f32]; R] = std::array::from_fn(|r| &x[r * depth..][..depth]);
-        let mut sums = rows_times_panel::<FMA, R>(x, self.panel, [*self.bias; R]);
+        let (runs, run) = x.runs();
+        let starts = x.starts::<R>(0);
+        let mut sums = [*self.bias; R];
+        for (k, panel) in self
+            .panel
+            .chunks_exact(run * COLUMNS)
+            .take(runs)
+            .enumerate()
+        {
+            let x: [&[f32]; R] = std::array::from_fn(|r| x.run(starts[r], k));
+            sums = rows_times_panel::<FMA, R>(x, panel, sums);
+        }
         if self.gelu {
             // Plain loops: a helper such as `array::map` may not be inlined into the caller
             // compiled for FMA, and `mul_add` outside it is a slow library call.
