@@ -84,7 +84,7 @@ impl Classifier {
         let state = TypedSimpleState::new(&model.plan)
             .map_err(|e| ClassifyError::Inference(e.to_string()))?;
         Ok(Classifier {
-            pipeline: PatchPipeline::new(p.clone())?,
+            pipeline: PatchPipeline::new(p.clone())?.with_isa(model.isa),
             logits: vec![0.0; model.classes()],
             probabilities: vec![0.0; model.classes()],
             top: TopK::new(),

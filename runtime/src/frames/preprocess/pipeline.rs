@@ -2,6 +2,7 @@
 //! built once per frame geometry.
 
 use super::{FrameRef, LUMA, PixelFormat, PreprocessConfig, PreprocessError, Region};
+use crate::ops::Isa;
 
 /// Precomputed taps of a 1-D resampling: for each output sample, the first input index and
 /// its weights (a fixed-width window so the table is one flat buffer).
@@ -85,11 +86,12 @@ pub struct PatchPipeline {
     offset: Vec<f32>,
     horizontal: FilterTable,
     vertical: FilterTable,
-    /// Horizontally resampled source rows: `rows × size × channels`.
-    rows: Vec<f32>,
-    /// One output row of the vertical pass, `size × channels`.
-    accumulator: Vec<f32>,
+    /// One output row of the vertical pass, over the columns the horizontal pass reads, in
+    /// the frame's channels: `columns × bytes per pixel` (room for 3).
+    row: Vec<f32>,
     geometry: Option<Geometry>,
+    /// The vertical pass's vector width (every one gives the same values).
+    isa: Isa,
 }
 
 impl PatchPipeline {
@@ -111,10 +113,18 @@ impl PatchPipeline {
             offset,
             horizontal: FilterTable::default(),
             vertical: FilterTable::default(),
-            rows: Vec::new(),
-            accumulator: Vec::new(),
+            row: Vec::new(),
             geometry: None,
+            isa: Isa::best(),
         })
+    }
+
+    /// The pipeline with its vertical pass on `isa`'s vectors (by default the best this CPU
+    /// runs). Every instruction set gives the same values: each sum is a multiply then an add,
+    /// in the same order.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        self.isa = isa;
+        self
     }
 
     /// The configuration the pipeline runs.
@@ -153,8 +163,7 @@ impl PatchPipeline {
             return Err(PreprocessError::BadRegion(region));
         }
         self.prepare(frame, region);
-        self.resample_rows(frame);
-        self.resample_columns(out);
+        self.resample(frame, out);
         Ok(())
     }
 
@@ -172,81 +181,128 @@ impl PatchPipeline {
             .rebuild(frame.width as usize, region.left, region.width, size);
         self.vertical
             .rebuild(frame.height as usize, region.top, region.height, size);
-        let rows = self.vertical.span().len();
-        self.rows
-            .resize(rows * size * self.config.channels as usize, 0.0);
-        self.accumulator
-            .resize(size * self.config.channels as usize, 0.0);
+        self.row.resize(self.horizontal.span().len() * 3, 0.0);
         self.geometry = Some(geometry);
     }
 
-    /// Horizontal pass over the source rows the vertical pass will read, converting channels
-    /// on the way (both steps are linear, so their order does not change the result).
-    fn resample_rows(&mut self, frame: &FrameRef) {
+    /// Both passes, an output row at a time. Both are linear, so the vertical one goes first:
+    /// it sums whole source rows (contiguous reads the compiler vectorises), and a downscaled
+    /// frame then leaves the horizontal pass, whose short sums do not vectorise, few values.
+    fn resample(&mut self, frame: &FrameRef, out: &mut [f32]) {
         // One monomorphised loop per pixel format: no per-tap format dispatch.
         match frame.format {
-            PixelFormat::Gray8 => self.resample_rows_of::<Gray8>(frame),
-            PixelFormat::Rgb8 => self.resample_rows_of::<Rgb8>(frame),
-            PixelFormat::Bgr8 => self.resample_rows_of::<Bgr8>(frame),
+            PixelFormat::Gray8 => self.resample_of::<Gray8>(frame, out),
+            PixelFormat::Rgb8 => self.resample_of::<Rgb8>(frame, out),
+            PixelFormat::Bgr8 => self.resample_of::<Bgr8>(frame, out),
         }
     }
 
-    fn resample_rows_of<P: SourcePixel>(&mut self, frame: &FrameRef) {
+    fn resample_of<P: SourcePixel>(&mut self, frame: &FrameRef, out: &mut [f32]) {
         let size = self.config.image_size as usize;
-        let channels = self.config.channels as usize;
-        let span = self.vertical.span();
-        let row_len = size * channels;
-        for (src_y, dst) in span.zip(self.rows.chunks_exact_mut(row_len)) {
-            let src = frame.row(src_y);
-            for (x, dst) in dst.chunks_exact_mut(channels).enumerate() {
-                let (first, weights) = self.horizontal.taps_of(x);
-                // Taps past the row's end carry zero weight (short rows): leave them out.
-                let taps = weights.len().min(frame.width as usize - first);
-                let pixels = &src[first * P::BYTES..(first + taps) * P::BYTES];
-                let pixel = P::weighted_sum(pixels, &weights[..taps]);
-                if channels == 1 {
-                    dst[0] = LUMA[0] * pixel[0] + LUMA[1] * pixel[1] + LUMA[2] * pixel[2];
-                } else {
-                    dst.copy_from_slice(&pixel);
-                }
-            }
-        }
-    }
-
-    /// Vertical pass, then normalisation into planar `C×H×W`. Rows are accumulated whole
-    /// (contiguous reads), each output still summing its taps in order.
-    fn resample_columns(&mut self, out: &mut [f32]) {
-        let size = self.config.image_size as usize;
-        let channels = self.config.channels as usize;
-        let row_len = size * channels;
-        let span = self.vertical.span();
-        let plane = size * size;
-        let accumulator = &mut self.accumulator;
+        let row_len = self.horizontal.span().len() * P::BYTES;
+        // Taken out of `self` (a move, not a copy) while the passes read the tables.
+        let mut row = std::mem::take(&mut self.row);
         for y in 0..size {
-            let (first, weights) = self.vertical.taps_of(y);
-            let taps = weights.len().min(span.end - first);
-            accumulator.fill(0.0);
-            for (tap, &w) in weights[..taps].iter().enumerate() {
-                let start = (first + tap - span.start) * row_len;
-                let row = &self.rows[start..start + row_len];
-                for (acc, &v) in accumulator.iter_mut().zip(row) {
-                    *acc += w * v;
-                }
+            self.vertical_pass(frame, P::BYTES, y, &mut row[..row_len]);
+            self.horizontal_pass::<P>(frame, &row[..row_len], y, out);
+        }
+        self.row = row;
+    }
+
+    /// Output row `y` of the vertical pass into `row`: the weighted sum of the source rows
+    /// under its taps, over the columns the horizontal pass reads, in the frame's channels,
+    /// each value summing its taps in order.
+    fn vertical_pass(&self, frame: &FrameRef, bytes: usize, y: usize, row: &mut [f32]) {
+        let columns = self.horizontal.span();
+        let (first, weights) = self.vertical.taps_of(y);
+        // Taps past the last row carry zero weight (short frames): leave them out.
+        let taps = weights.len().min(frame.height as usize - first);
+        row.fill(0.0);
+        for (tap, &w) in weights[..taps].iter().enumerate() {
+            // A zero weight adds nothing (the sums are never negative zero).
+            if w == 0.0 {
+                continue;
             }
-            for (x, pixel) in accumulator.chunks_exact(channels).enumerate() {
-                for (c, &value) in pixel.iter().enumerate() {
-                    out[c * plane + y * size + x] = value * self.scale[c] + self.offset[c];
+            let source = &frame.row(first + tap)[columns.start * bytes..columns.end * bytes];
+            add_weighted(self.isa, row, w, source);
+        }
+    }
+
+    /// Output row `y` from the vertical pass's `row`: the horizontal pass, the channels
+    /// converted, and the normalisation, into planar `C×H×W`.
+    fn horizontal_pass<P: SourcePixel>(
+        &self,
+        frame: &FrameRef,
+        row: &[f32],
+        y: usize,
+        out: &mut [f32],
+    ) {
+        let size = self.config.image_size as usize;
+        let channels = self.config.channels as usize;
+        let plane = size * size;
+        let columns = self.horizontal.span();
+        for x in 0..size {
+            let (first, weights) = self.horizontal.taps_of(x);
+            // Taps past the row's end carry zero weight (short rows): leave them out.
+            let taps = weights.len().min(frame.width as usize - first);
+            let pixels = &row[(first - columns.start) * P::BYTES..][..taps * P::BYTES];
+            let pixel = P::weighted_sum(pixels, &weights[..taps]);
+            let at = y * size + x;
+            if channels == 1 {
+                let grey = LUMA[0] * pixel[0] + LUMA[1] * pixel[1] + LUMA[2] * pixel[2];
+                out[at] = grey * self.scale[0] + self.offset[0];
+            } else {
+                for (c, value) in pixel.iter().enumerate() {
+                    out[c * plane + at] = value * self.scale[c] + self.offset[c];
                 }
             }
         }
     }
 }
 
+/// `sums[i] += w × values[i]` on `isa`'s vectors.
+fn add_weighted(isa: Isa, sums: &mut [f32], w: f32, values: &[u8]) {
+    match isa.float() {
+        // SAFETY: the CPU runs `isa` (the caller's choice was checked by `Isa::choose`, or
+        // is `Isa::best`).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { add_weighted_avx512(sums, w, values) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { add_weighted_avx2(sums, w, values) },
+        _ => add_weighted_portable(sums, w, values),
+    }
+}
+
+/// A multiply then an add: never fused, so every vector width gives the same sums.
+#[inline(always)]
+fn add_weighted_portable(sums: &mut [f32], w: f32, values: &[u8]) {
+    for (sum, &value) in sums.iter_mut().zip(values) {
+        *sum += w * value as f32;
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_weighted_avx2(sums: &mut [f32], w: f32, values: &[u8]) {
+    add_weighted_portable(sums, w, values)
+}
+
+/// # Safety
+/// The CPU has AVX-512F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn add_weighted_avx512(sums: &mut [f32], w: f32, values: &[u8]) {
+    add_weighted_portable(sums, w, values)
+}
+
 /// A packed 8-bit source pixel layout, read as RGB.
 trait SourcePixel {
     const BYTES: usize;
-    /// `Σ weights[i] × pixel[i]` over consecutive pixels, as RGB (grey replicated).
-    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3];
+    /// `Σ weights[i] × pixel[i]` over consecutive pixels (their channels as f32), as RGB
+    /// (grey replicated).
+    fn weighted_sum(pixels: &[f32], weights: &[f32]) -> [f32; 3];
 }
 
 struct Gray8;
@@ -256,22 +312,22 @@ struct Bgr8;
 impl SourcePixel for Gray8 {
     const BYTES: usize = 1;
     #[inline]
-    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3] {
+    fn weighted_sum(pixels: &[f32], weights: &[f32]) -> [f32; 3] {
         let mut acc = 0.0f32;
         for (&w, &p) in weights.iter().zip(pixels) {
-            acc += w * p as f32;
+            acc += w * p;
         }
         [acc; 3]
     }
 }
 
 #[inline]
-fn weighted_sum_rgb(pixels: &[u8], weights: &[f32], [r, g, b]: [usize; 3]) -> [f32; 3] {
+fn weighted_sum_rgb(pixels: &[f32], weights: &[f32], [r, g, b]: [usize; 3]) -> [f32; 3] {
     let mut acc = [0.0f32; 3];
     for (&w, p) in weights.iter().zip(pixels.chunks_exact(3)) {
-        acc[0] += w * p[r] as f32;
-        acc[1] += w * p[g] as f32;
-        acc[2] += w * p[b] as f32;
+        acc[0] += w * p[r];
+        acc[1] += w * p[g];
+        acc[2] += w * p[b];
     }
     acc
 }
@@ -279,7 +335,7 @@ fn weighted_sum_rgb(pixels: &[u8], weights: &[f32], [r, g, b]: [usize; 3]) -> [f
 impl SourcePixel for Rgb8 {
     const BYTES: usize = 3;
     #[inline]
-    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3] {
+    fn weighted_sum(pixels: &[f32], weights: &[f32]) -> [f32; 3] {
         weighted_sum_rgb(pixels, weights, [0, 1, 2])
     }
 }
@@ -287,7 +343,7 @@ impl SourcePixel for Rgb8 {
 impl SourcePixel for Bgr8 {
     const BYTES: usize = 3;
     #[inline]
-    fn weighted_sum(pixels: &[u8], weights: &[f32]) -> [f32; 3] {
+    fn weighted_sum(pixels: &[f32], weights: &[f32]) -> [f32; 3] {
         weighted_sum_rgb(pixels, weights, [2, 1, 0])
     }
 }
@@ -490,5 +546,66 @@ mod tests {
             "{first_row:?}"
         );
         assert!(first_row[0] < 0.01 && first_row[7] > 0.99);
+    }
+
+    /// A frame whose rows are not a whole number of vectors: 173 × 91 pixels.
+    fn odd_frame_pixels() -> Vec<u8> {
+        (0..173 * 91 * 3).map(|i| (i * 7919 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn downscaling_is_the_separable_filter() {
+        let pixels = odd_frame_pixels();
+        let frame = FrameRef::packed(&pixels, 173, 91, PixelFormat::Rgb8);
+        let size = 24;
+        let mut pipeline = PatchPipeline::new(identity_config(size, 3)).unwrap();
+        let mut out = vec![0.0; 3 * size as usize * size as usize];
+        pipeline.run(&frame, &mut out).unwrap();
+        let size = size as usize;
+        for c in 0..3 {
+            for y in 0..size {
+                for x in 0..size {
+                    let (top, down) = pipeline.vertical.taps_of(y);
+                    let (left, across) = pipeline.horizontal.taps_of(x);
+                    let mut want = 0.0f64;
+                    for (j, &wy) in down.iter().enumerate().filter(|(j, _)| top + j < 91) {
+                        for (i, &wx) in across.iter().enumerate().filter(|(i, _)| left + i < 173) {
+                            let value = pixels[((top + j) * 173 + left + i) * 3 + c];
+                            want += wy as f64 * wx as f64 * value as f64;
+                        }
+                    }
+                    let got = out[(c * size + y) * size + x] as f64 * 255.0;
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "({c}, {y}, {x}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_values() {
+        let pixels = odd_frame_pixels();
+        for format in [PixelFormat::Rgb8, PixelFormat::Bgr8, PixelFormat::Gray8] {
+            let data = &pixels[..173 * 91 * format.bytes_per_pixel()];
+            let frame = FrameRef::packed(data, 173, 91, format);
+            for channels in [1, 3] {
+                let config = identity_config(24, channels);
+                let run = |isa| {
+                    let mut pipeline = PatchPipeline::new(config.clone()).unwrap().with_isa(isa);
+                    let mut out = vec![0.0; config.tensor_len()];
+                    pipeline.run(&frame, &mut out).unwrap();
+                    out
+                };
+                let portable = run(Isa::Portable);
+                for isa in Isa::available() {
+                    assert!(
+                        run(isa) == portable,
+                        "{isa}, {format:?}, {channels} channels"
+                    );
+                }
+            }
+        }
     }
 }
