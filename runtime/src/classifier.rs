@@ -191,16 +191,26 @@ impl Classifier {
 }
 
 impl Classifier {
-    /// [`Classifier::infer`], adding each operator's time to `profile` (by operator name, in
-    /// plan order of first appearance). Slower than `infer` by the timing; for `runtime bench
-    /// --profile`, not the frame loop.
+    /// [`Classifier::infer`], adding each operator's time to `profile` (by operator name, or
+    /// by node for [`Profile::by_node`], in plan order of first appearance). Slower than
+    /// `infer` by the timing; for `runtime bench --profile`, not the frame loop.
     pub fn infer_profiled(&mut self, profile: &mut Profile) -> Result<&TopK, ClassifyError> {
         let input = tvec!(TValue::from_const(self.input.clone()));
         let outputs = guarded_run(&mut self.state, |state| {
             state.run_plan_with_eval(input, |context, state, node, inputs| {
                 let started = Instant::now();
                 let outputs = tract_onnx::tract_core::plan::eval(context, state, node, inputs);
-                profile.add(&node.op.name(), started.elapsed());
+                let elapsed = started.elapsed();
+                if profile.by_node {
+                    let info = node.op.info().unwrap_or_default().join(", ");
+                    let op = node.op.name();
+                    profile.add(
+                        &format!("#{} {} ({op}: {info})", node.id, node.name),
+                        elapsed,
+                    );
+                } else {
+                    profile.add(&node.op.name(), elapsed);
+                }
                 outputs
             })
         })?;
@@ -209,14 +219,29 @@ impl Classifier {
     }
 }
 
-/// Time per operator over profiled runs.
+/// Time per operator (or per node) over profiled runs.
 #[derive(Clone, Debug, Default)]
 pub struct Profile {
-    /// (operator, total time, calls), in order of first appearance.
+    /// (operator or node, total time, calls), in order of first appearance.
     pub operators: Vec<(String, Duration, usize)>,
+    by_node: bool,
 }
 
 impl Profile {
+    /// A profile by node of the optimised graph: its number, name, operator and what the
+    /// operator says it computes.
+    pub fn by_node() -> Profile {
+        Profile {
+            by_node: true,
+            ..Profile::default()
+        }
+    }
+
+    /// Whether the profile is by node rather than by operator.
+    pub fn is_by_node(&self) -> bool {
+        self.by_node
+    }
+
     fn add(&mut self, operator: &str, time: Duration) {
         match self
             .operators

@@ -187,6 +187,40 @@ fn info_and_bench_report_the_model() {
 }
 
 #[test]
+fn bench_profiles_by_operator_or_by_node() {
+    let profile = |flag: &str| {
+        let out = runtime(&["bench", "--runs", "3", "--warmup", "1", flag, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let bench: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        bench["operators"].as_array().unwrap().clone()
+    };
+    let names = |entries: &[serde_json::Value], key: &str| -> Vec<String> {
+        let names: Vec<String> = entries
+            .iter()
+            .map(|e| e[key].as_str().unwrap().to_string())
+            .collect();
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "one entry each: {names:?}");
+        names
+    };
+    let operators = names(&profile("--profile"), "op");
+    let nodes = names(&profile("--profile-nodes"), "node");
+    // The shipped ViT's six blocks have several nodes of the same operator each.
+    assert!(
+        nodes.len() > operators.len() + 12,
+        "{nodes:?} vs {operators:?}"
+    );
+    for operator in &operators {
+        assert!(
+            nodes
+                .iter()
+                .any(|node| node.contains(&format!("({operator}"))),
+            "{operator} among {nodes:?}"
+        );
+    }
+}
+
+#[test]
 fn threads_change_speed_not_answers() {
     let one = runtime(&["classify", &sample(), "--json", "--top-k", "10"]);
     let two = runtime(&[

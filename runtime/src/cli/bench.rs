@@ -2,6 +2,7 @@
 
 use super::{Loaded, ModelArgs, ms};
 use anyhow::{Context, Result, bail};
+use runtime::classifier::Profile;
 use runtime::{Classifier, DecodedImage, PixelFormat};
 use serde_json::json;
 use std::path::Path;
@@ -50,7 +51,7 @@ pub(super) fn run(
     image: Option<&Path>,
     runs: usize,
     warmup: usize,
-    profile: bool,
+    profile: Option<Profile>,
     json: bool,
 ) -> Result<()> {
     if runs == 0 {
@@ -82,19 +83,19 @@ pub(super) fn run(
         inference.push(t.inference);
     }
     let (pre, inference, total) = (stats(&mut pre), stats(&mut inference), stats(&mut total));
-    let mut times = runtime::classifier::Profile::default();
-    if profile {
-        for _ in 0..runs {
-            classifier.preprocess(&frame.frame())?;
-            classifier.infer_profiled(&mut times)?;
-        }
+    let profiled_runs = if profile.is_some() { runs } else { 0 };
+    let mut times = profile.unwrap_or_default();
+    for _ in 0..profiled_runs {
+        classifier.preprocess(&frame.frame())?;
+        classifier.infer_profiled(&mut times)?;
     }
+    let label = if times.is_by_node() { "node" } else { "op" };
     let operators = times.by_time();
     let per_frame = |time: &Duration| ms(*time) / runs as f64;
     if json {
         let operators: Vec<_> = operators
             .iter()
-            .map(|(name, time, calls)| json!({"op": name, "ms_per_frame": per_frame(time), "calls_per_frame": calls / runs}))
+            .map(|(name, time, calls)| json!({label: name, "ms_per_frame": per_frame(time), "calls_per_frame": calls / runs}))
             .collect();
         println!(
             "{}",
@@ -127,8 +128,15 @@ pub(super) fn run(
             s.min_ms, s.median_ms, s.p99_ms
         );
     }
-    if !operators.is_empty() {
-        let all = times.total();
+    let all = times.total();
+    let share = |time: &Duration| 100.0 * time.as_secs_f64() / all.as_secs_f64();
+    if times.is_by_node() {
+        // Node descriptions are long: they go last.
+        println!("\n{:>9} {:>6}  node", "ms/frame", "share");
+        for (name, time, _) in &operators {
+            println!("{:>9.3} {:>5.1}%  {name}", per_frame(time), share(time));
+        }
+    } else if !operators.is_empty() {
         println!(
             "\n{:<32} {:>9} {:>6} {:>7}",
             "operator", "ms/frame", "share", "calls"
@@ -137,7 +145,7 @@ pub(super) fn run(
             println!(
                 "{name:<32} {:>9.3} {:>5.1}% {:>7}",
                 per_frame(time),
-                100.0 * time.as_secs_f64() / all.as_secs_f64(),
+                share(time),
                 calls / runs
             );
         }

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use runtime::classifier::Profile;
 use runtime::explain::{Method, Token};
 use runtime::{KeepPolicy, Model, ModelOptions, Precision, ResizeMode, StreamConfig, StreamFormat};
 use std::path::PathBuf;
@@ -194,6 +195,10 @@ enum Command {
         /// inference time goes.
         #[arg(long)]
         profile: bool,
+        /// Like --profile, one line per node of the optimised graph (its number, name and what
+        /// it computes), to find the slow layer.
+        #[arg(long)]
+        profile_nodes: bool,
         #[arg(long)]
         json: bool,
     },
@@ -371,8 +376,16 @@ pub(crate) fn run(cli: Cli) -> Result<bool> {
             runs,
             warmup,
             profile,
+            profile_nodes,
             json,
-        } => bench::run(&model, image.as_deref(), runs, warmup, profile, json).map(|_| true),
+        } => {
+            let profile = match (profile, profile_nodes) {
+                (_, true) => Some(Profile::by_node()),
+                (true, false) => Some(Profile::default()),
+                (false, false) => None,
+            };
+            bench::run(&model, image.as_deref(), runs, warmup, profile, json).map(|_| true)
+        }
     }
 }
 
