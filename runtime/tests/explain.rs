@@ -95,24 +95,42 @@ fn the_two_methods_differ() {
 #[test]
 fn a_model_without_attention_outputs_names_the_export_flag() {
     let dir = tempfile::tempdir().unwrap();
-    // The shipped model with its attention outputs removed, as a plain export would be.
+    // The shipped model with its attention outputs removed, as a plain export would be, and
+    // said to be of each architecture: a ViT, distilled or not, needs the export flag; a CNN
+    // or a Swin has no global attention to show.
     let bytes = std::fs::read(repo("models/fashion-vit/model.onnx")).unwrap();
-    let mut proto = runtime::tract_onnx::pb::ModelProto::decode(&bytes[..]).unwrap();
-    proto.graph.as_mut().unwrap().output.truncate(1);
-    let plain = dir.path().join("plain.onnx");
-    std::fs::write(&plain, proto.encode_to_vec()).unwrap();
-    let out = dir.path().join("o.png");
-    let output = runtime(&[
-        "explain",
-        &test_image(),
-        "--model",
-        plain.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("--with-attention"), "{err}");
-    assert!(!out.exists(), "nothing written on failure");
+    for (architecture, advice) in [
+        ("vit", "--with-attention"),
+        ("deit", "--with-attention"),
+        ("resnet", "explain needs a ViT"),
+        ("swin", "explain needs a ViT"),
+    ] {
+        let mut proto = runtime::tract_onnx::pb::ModelProto::decode(&bytes[..]).unwrap();
+        proto.graph.as_mut().unwrap().output.truncate(1);
+        proto
+            .metadata_props
+            .retain(|entry| entry.key != "vit.architecture");
+        proto
+            .metadata_props
+            .push(runtime::tract_onnx::pb::StringStringEntryProto {
+                key: "vit.architecture".into(),
+                value: architecture.into(),
+            });
+        let plain = dir.path().join(format!("{architecture}.onnx"));
+        std::fs::write(&plain, proto.encode_to_vec()).unwrap();
+        let out = dir.path().join("o.png");
+        let output = runtime(&[
+            "explain",
+            &test_image(),
+            "--model",
+            plain.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(output.status.code(), Some(1), "{architecture}");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(advice), "{architecture}: {err}");
+        assert!(!out.exists(), "nothing written on failure");
+    }
 }

@@ -334,8 +334,9 @@ impl Model {
                 .map(|(_, outlet)| *outlet);
             keep.extend(attention);
             if keep.len() == 1 {
+                // A ViT, distilled or not, has the maps once exported with them.
                 return Err(match metadata.get(key::ARCHITECTURE) {
-                    Some(architecture) if architecture != "vit" => {
+                    Some(architecture) if !matches!(architecture.as_str(), "vit" | "deit") => {
                         ModelError::NoAttentionInArchitecture(architecture.clone())
                     }
                     _ => ModelError::NoAttention,
