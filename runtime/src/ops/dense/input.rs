@@ -119,7 +119,8 @@ impl<'a> InputRows<'a> {
     /// before, checking the last is enough.
     pub(crate) fn check(&self, rows: usize) {
         if let Some(last) = rows.checked_sub(1) {
-            let end = self.start(last) + (self.runs - 1) * self.stride + self.run;
+            let [start] = self.starts::<1>(last);
+            let end = start + (self.runs - 1) * self.stride + self.run;
             assert!(end <= self.values.len(), "{rows} rows past the input");
         }
     }
@@ -155,24 +156,6 @@ impl<'a> InputRows<'a> {
                     }
                     start
                 })
-            }
-        }
-    }
-
-    /// Where row `row` (counted from the first of all) starts.
-    #[inline(always)]
-    fn start(&self, row: usize) -> usize {
-        match self.starts {
-            Starts::Matrix => row * self.run,
-            Starts::Patches {
-                pixels,
-                output_width,
-                down,
-                across,
-                image,
-            } => {
-                let (index, pixel) = (row / pixels, row % pixels);
-                index * image + pixel / output_width * down + pixel % output_width * across
             }
         }
     }
@@ -233,6 +216,13 @@ mod tests {
     #[should_panic(expected = "past the input")]
     fn rows_past_the_input_are_refused() {
         InputRows::matrix(&[0.0; 10], 5).check(3);
+    }
+
+    #[test]
+    #[should_panic(expected = "past the input")]
+    fn rows_from_a_later_first_are_checked_where_they_are() {
+        // Rows 1 and 2 of a 2-row matrix: the second is past the end.
+        InputRows::matrix(&[0.0; 10], 5).from(1).check(2);
     }
 
     #[test]
