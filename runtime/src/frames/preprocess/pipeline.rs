@@ -121,8 +121,9 @@ impl PatchPipeline {
 
     /// The pipeline with its vertical pass on `isa`'s vectors (by default the best this CPU
     /// runs). Every instruction set gives the same values: each sum is a multiply then an add,
-    /// in the same order.
+    /// in the same order. Panics if this CPU cannot run `isa` ([`Isa::choose`] checks).
     pub fn with_isa(mut self, isa: Isa) -> Self {
+        assert!(isa.runs_here(), "{isa} kernels on a CPU without them");
         self.isa = isa;
         self
     }
@@ -263,8 +264,7 @@ impl PatchPipeline {
 /// `sums[i] += w × values[i]` on `isa`'s vectors.
 fn add_weighted(isa: Isa, sums: &mut [f32], w: f32, values: &[u8]) {
     match isa.float() {
-        // SAFETY: the CPU runs `isa` (the caller's choice was checked by `Isa::choose`, or
-        // is `Isa::best`).
+        // SAFETY: the CPU runs `isa` (`Isa::best`, or checked by `with_isa`).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { add_weighted_avx512(sums, w, values) },
         #[cfg(target_arch = "x86_64")]
