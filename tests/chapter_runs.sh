@@ -92,7 +92,7 @@ train() {
 
 save() {
   local name=$1 run=$runs/$1
-  [ -f "$run/state.json" ] || { echo "$name: no committed epoch in $run" >&2; return 1; }
+  [ -f "$run/state.json" ] || { echo "$name: no committed epoch in $run yet, nothing saved"; return 0; }
   rm -rf "$saved/$name.tmp"
   mkdir -p "$saved/$name.tmp"
   committed_files "$run" | while read -r file; do cp "$run/$file" "$saved/$name.tmp/"; done
