@@ -51,14 +51,17 @@ names="fashion-cnn fashion-cnn48 fashion-vit96 fashion-deit96 fashion-swin fashi
 fashion-cnn-30 fashion-vit96-10 fashion-vit96-30 fashion-deit96-10 fashion-deit96-30"
 
 # The files of a run's committed epoch: state.json and everything it names, the run's config
-# and metrics, and the teacher's copy of a distilled run.
+# and metrics, and the teacher's copy of a distilled run. A finished run keeps only its best
+# weights, which is all that export and eval read.
 committed_files() {
   python3 - "$1" <<'EOF'
 import json, os, sys
 run = sys.argv[1]
 state = json.load(open(os.path.join(run, "state.json")))
+config = json.load(open(os.path.join(run, "config.json")))
 names = {"state.json", "config.json", "metrics.jsonl", "teacher.onnx"}
-names |= {state[key] for key in ("model", "optimizer", "ema", "best_weights") if state.get(key)}
+weights = ("best_weights",) if state["epoch"] >= config["epochs"] else ("model", "optimizer", "ema", "best_weights")
+names |= {state[key] for key in weights if state.get(key)}
 print("\n".join(sorted(n for n in names if os.path.exists(os.path.join(run, n)))))
 EOF
 }
