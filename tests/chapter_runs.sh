@@ -5,8 +5,8 @@
 #   tests/chapter_runs.sh train NAME...   train each run in turn: start it, or resume it where its
 #                                         last committed epoch left off (from RUNS/NAME, or else
 #                                         from the copy saved in models/chapter/NAME)
-#   tests/chapter_runs.sh save NAME...    copy each run's committed epoch (the files its state.json
-#                                         names) into models/chapter/NAME, to be committed
+#   tests/chapter_runs.sh save NAME...    copy each run's committed epoch (state.json and the files
+#                                         it names) into models/chapter/NAME, to be committed
 #   tests/chapter_runs.sh flags NAME      print the run's `exporter train` flags
 #   tests/chapter_runs.sh names           list the runs
 #
@@ -50,25 +50,23 @@ flags() {
 names="fashion-cnn fashion-cnn48 fashion-vit96 fashion-deit96 fashion-swin fashion-cnn-10
 fashion-cnn-30 fashion-vit96-10 fashion-vit96-30 fashion-deit96-10 fashion-deit96-30"
 
-# The files of a run's committed epoch: state.json and everything it names, the run's config
-# and metrics, and the teacher's copy of a distilled run. A finished run keeps only its best
-# weights, which is all that export and eval read.
-committed_files() {
-  python3 - "$1" <<'EOF'
-import json, os, sys
-run = sys.argv[1]
-state = json.load(open(os.path.join(run, "state.json")))
-config = json.load(open(os.path.join(run, "config.json")))
-names = {"state.json", "config.json", "metrics.jsonl", "teacher.onnx"}
-weights = ("best_weights",) if state["epoch"] >= config["epochs"] else ("model", "optimizer", "ema", "best_weights")
-names |= {state[key] for key in weights if state.get(key)}
-print("\n".join(sorted(n for n in names if os.path.exists(os.path.join(run, n)))))
-EOF
+# The last committed epoch of the run in folder $1, and the epochs it is planned for.
+progress() {
+  python3 -c "import json, sys
+print(json.load(open(sys.argv[1] + '/state.json'))['epoch'], json.load(open(sys.argv[1] + '/config.json'))['epochs'])" "$1"
 }
 
 finished() {
-  python3 -c "import json, sys; run = sys.argv[1]
-sys.exit(0 if json.load(open(run + '/state.json'))['epoch'] >= json.load(open(run + '/config.json'))['epochs'] else 1)" "$1"
+  local epoch epochs
+  read -r epoch epochs < <(progress "$1")
+  [ "$epoch" -ge "$epochs" ]
+}
+
+# The weight files that the state.json in folder $1 names under the keys $2...
+named_files() {
+  python3 -c "import json, sys
+state = json.load(open(sys.argv[1] + '/state.json'))
+print('\n'.join(state[key] for key in sys.argv[2:] if state.get(key)))" "$@"
 }
 
 train() {
@@ -93,15 +91,23 @@ train() {
   fi
 }
 
+# The run's config, metrics and state.json, then the files that this copy of state.json names
+# (the best weights alone once the run has finished: all that export and eval read), and the
+# teacher's copy of a distilled run. A file that the run deletes meanwhile, having committed
+# another epoch, fails the copy and leaves the saved folder as it was.
 save() {
-  local name=$1 run=$runs/$1
+  local name=$1 run=$runs/$1 copy=$saved/$1.tmp keys
   [ -f "$run/state.json" ] || { echo "$name: no committed epoch in $run yet, nothing saved"; return 0; }
-  rm -rf "$saved/$name.tmp"
-  mkdir -p "$saved/$name.tmp"
-  committed_files "$run" | while read -r file; do cp "$run/$file" "$saved/$name.tmp/"; done
-  rm -rf "$saved/$name"
-  mv "$saved/$name.tmp" "$saved/$name"
-  echo "$name: saved epoch $(python3 -c "import json; print(json.load(open('$run/state.json'))['epoch'])") ($(du -sh "$saved/$name" | cut -f1))"
+  rm -rf "$copy"
+  mkdir -p "$copy"
+  cp "$run/state.json" "$run/config.json" "$run/metrics.jsonl" "$copy/"
+  if [ -f "$run/teacher.onnx" ]; then cp "$run/teacher.onnx" "$copy/"; fi
+  if finished "$copy"; then keys=best_weights; else keys="model optimizer ema best_weights"; fi
+  # shellcheck disable=SC2086 # the keys are words
+  for file in $(named_files "$copy" $keys); do cp "$run/$file" "$copy/"; done
+  rm -rf "${saved:?}/$name"
+  mv "$copy" "$saved/$name"
+  echo "$name: saved epoch $(progress "$saved/$name" | cut -d' ' -f1) ($(du -sh "$saved/$name" | cut -f1))"
 }
 
 command=${1:-}
