@@ -57,6 +57,76 @@ fn linear_classifier(classes: usize) -> pb::GraphProto {
     }
 }
 
+/// The same classifier behind a 1×1 convolution whose attributes are `window`.
+fn conv_classifier(window: &[(&str, &[i64])]) -> pb::GraphProto {
+    let mut graph = linear_classifier(3);
+    graph
+        .initializer
+        .push(floats("kernel", &[1, 1, 1, 1], &[1.0]));
+    let mut conv = node("Conv", &["image", "kernel"], &["conv"]);
+    conv.attribute = window
+        .iter()
+        .map(|(name, ints)| pb::AttributeProto {
+            name: name.to_string(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: ints.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    graph.node[0].input[0] = "conv".into();
+    graph.node.insert(0, conv);
+    graph
+}
+
+/// A 6×6 image through `blocks` residual blocks whose 3×3 convolutions lack their padding, so
+/// each block adds a 4-pixel map to a 6-pixel one, as a fuzzed CNN without `pads` did.
+fn unpadded_residual_blocks(blocks: usize) -> pb::GraphProto {
+    let mut graph = pb::GraphProto {
+        name: "unpadded".into(),
+        input: vec![float_value_info("image", &[1, 1, 6, 6])],
+        output: vec![float_value_info("logits", &[1, 3])],
+        initializer: vec![
+            floats("kernel", &[1, 1, 3, 3], &[0.1; 9]),
+            floats("weight", &[36, 3], &[0.5; 108]),
+        ],
+        ..Default::default()
+    };
+    let mut x = "image".to_string();
+    for block in 0..blocks {
+        let (conv, sum) = (format!("conv{block}"), format!("sum{block}"));
+        graph.node.push(node("Conv", &[&x, "kernel"], &[&conv]));
+        graph.node.push(node("Add", &[&conv, &x], &[&sum]));
+        x = sum;
+    }
+    graph.node.push(node("Flatten", &[&x], &["flat"]));
+    graph
+        .node
+        .push(node("MatMul", &["flat", "weight"], &["logits"]));
+    graph
+}
+
+/// A 2-D max pooling window over the image reshaped to 5 axes: tract indexes the window by the
+/// input's 3 spatial axes.
+fn pooling_over_more_axes() -> pb::GraphProto {
+    let mut graph = linear_classifier(3);
+    graph
+        .initializer
+        .push(int64s("five_axes", &[1, 1, 1, 2, 2]));
+    let mut pool = node("MaxPool", &["volume"], &["pooled"]);
+    pool.attribute.push(pb::AttributeProto {
+        name: "kernel_shape".into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: vec![1, 1],
+        ..Default::default()
+    });
+    graph.node[0].input[0] = "pooled".into();
+    graph.node.splice(
+        0..0,
+        [node("Reshape", &["image", "five_axes"], &["volume"]), pool],
+    );
+    graph
+}
+
 fn write(dir: &Path, name: &str, graph: pb::GraphProto) -> String {
     let path = dir.join(name);
     std::fs::write(&path, onnx_file(graph)).unwrap();
@@ -94,7 +164,47 @@ fn malformed_graphs_are_one_line_errors_not_panics() {
         i: -68_719_476_737,
         ..Default::default()
     });
+    // Window attributes that disagree with the kernel's 2 spatial axes made tract index past
+    // their end (a `pads` of 3 values, found by fuzzing).
+    let three_pads = conv_classifier(&[("kernel_shape", &[1, 1]), ("pads", &[0, 0, 2175])]);
+    let one_stride = conv_classifier(&[("strides", &[2])]);
+    let zero_dilation = conv_classifier(&[("dilations", &[1, 0])]);
+    // A permutation naming an axis the tensor lacks (found by fuzzing).
+    let mut bad_perm = linear_classifier(3);
+    let mut transpose = node("Transpose", &["image"], &["transposed"]);
+    transpose.attribute.push(pb::AttributeProto {
+        name: "perm".into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: vec![0, 5, 1, 3],
+        ..Default::default()
+    });
+    bad_perm.node[0].input[0] = "transposed".into();
+    bad_perm.node.insert(0, transpose);
     let cases = [
+        (
+            write(dir.path(), "bad-perm.onnx", bad_perm),
+            "perm [0, 5, 1, 3] is not an order of its 4 axes",
+        ),
+        (
+            write(dir.path(), "pooling.onnx", pooling_over_more_axes()),
+            "node \"pooled\" (MaxPool) has a window of 2 axes over an input of 5",
+        ),
+        (
+            write(dir.path(), "unpadded.onnx", unpadded_residual_blocks(2)),
+            "node \"sum0\" (Add) makes a dimension of broadcast((4), (6)): its inputs' shapes disagree",
+        ),
+        (
+            write(dir.path(), "three-pads.onnx", three_pads),
+            "pads has 3 values where its 2 spatial axes need 4",
+        ),
+        (
+            write(dir.path(), "one-stride.onnx", one_stride),
+            "strides has 1 values where its 2 spatial axes need 2",
+        ),
+        (
+            write(dir.path(), "zero-dilation.onnx", zero_dilation),
+            "dilations holds 0, outside 1..=1048576",
+        ),
         (
             write(dir.path(), "no-outputs.onnx", no_outputs),
             "no outputs",
@@ -130,10 +240,19 @@ fn malformed_graphs_are_one_line_errors_not_panics() {
             assert_one_clear_line(&args, expected);
         }
     }
-    // The same model works once it is well formed.
+    // The same models work once they are well formed.
     let good = write(dir.path(), "good.onnx", linear_classifier(3));
-    let output = runtime(&["classify", &sample, "--model", &good]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let good_conv = conv_classifier(&[
+        ("kernel_shape", &[1, 1]),
+        ("strides", &[1, 1]),
+        ("dilations", &[1, 1]),
+        ("pads", &[0, 0, 0, 0]),
+    ]);
+    let good_conv = write(dir.path(), "good-conv.onnx", good_conv);
+    for model in [good, good_conv] {
+        let output = runtime(&["classify", &sample, "--model", &model]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ mod introspect;
 
 pub use introspect::cpu_features;
 
-use checks::{check_wiring, declared_shape, parse, parse_json};
+use checks::{check_shapes_agree, check_wiring, declared_shape, parse, parse_json};
 
 use self::precision::Precision;
 use crate::metadata as key;
@@ -347,6 +347,7 @@ impl Model {
         model.select_output_outlets(&keep).map_err(tract)?;
         // The f16 translator and the attention fusion work on the decluttered graph;
         // into_optimized declutters anyway.
+        check_shapes_agree(&mut model, graph)?;
         let mut typed = model.into_typed().map_err(tract)?;
         if precision != Precision::F16 {
             fuse_before_declutter(&mut typed, isa, isa_forced).map_err(tract)?;
