@@ -57,6 +57,16 @@ fn linear_classifier(classes: usize) -> pb::GraphProto {
     }
 }
 
+/// An attribute holding the integers `ints`.
+fn ints_attribute(name: &str, ints: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
+}
+
 /// The same classifier behind a 1×1 convolution whose attributes are `window`.
 fn conv_classifier(window: &[(&str, &[i64])]) -> pb::GraphProto {
     let mut graph = linear_classifier(3);
@@ -66,12 +76,7 @@ fn conv_classifier(window: &[(&str, &[i64])]) -> pb::GraphProto {
     let mut conv = node("Conv", &["image", "kernel"], &["conv"]);
     conv.attribute = window
         .iter()
-        .map(|(name, ints)| pb::AttributeProto {
-            name: name.to_string(),
-            r#type: pb::attribute_proto::AttributeType::Ints as i32,
-            ints: ints.to_vec(),
-            ..Default::default()
-        })
+        .map(|(name, ints)| ints_attribute(name, ints))
         .collect();
     graph.node[0].input[0] = "conv".into();
     graph.node.insert(0, conv);
@@ -113,12 +118,7 @@ fn pooling_over_more_axes() -> pb::GraphProto {
         .initializer
         .push(int64s("five_axes", &[1, 1, 1, 2, 2]));
     let mut pool = node("MaxPool", &["volume"], &["pooled"]);
-    pool.attribute.push(pb::AttributeProto {
-        name: "kernel_shape".into(),
-        r#type: pb::attribute_proto::AttributeType::Ints as i32,
-        ints: vec![1, 1],
-        ..Default::default()
-    });
+    pool.attribute.push(ints_attribute("kernel_shape", &[1, 1]));
     graph.node[0].input[0] = "pooled".into();
     graph.node.splice(
         0..0,
@@ -172,63 +172,64 @@ fn malformed_graphs_are_one_line_errors_not_panics() {
     // A permutation naming an axis the tensor lacks (found by fuzzing).
     let mut bad_perm = linear_classifier(3);
     let mut transpose = node("Transpose", &["image"], &["transposed"]);
-    transpose.attribute.push(pb::AttributeProto {
-        name: "perm".into(),
-        r#type: pb::attribute_proto::AttributeType::Ints as i32,
-        ints: vec![0, 5, 1, 3],
-        ..Default::default()
-    });
+    transpose
+        .attribute
+        .push(ints_attribute("perm", &[0, 5, 1, 3]));
     bad_perm.node[0].input[0] = "transposed".into();
     bad_perm.node.insert(0, transpose);
     let cases = [
         (
-            write(dir.path(), "bad-perm.onnx", bad_perm),
+            "bad-perm.onnx",
+            bad_perm,
             "perm [0, 5, 1, 3] is not an order of its 4 axes",
         ),
         (
-            write(dir.path(), "pooling.onnx", pooling_over_more_axes()),
+            "pooling.onnx",
+            pooling_over_more_axes(),
             "node \"pooled\" (MaxPool) has a window of 2 axes over an input of 5",
         ),
         (
-            write(dir.path(), "unpadded.onnx", unpadded_residual_blocks(2)),
+            "unpadded.onnx",
+            unpadded_residual_blocks(2),
             "node \"sum0\" (Add) makes a dimension of broadcast((4), (6)): its inputs' shapes disagree",
         ),
         (
-            write(dir.path(), "three-pads.onnx", three_pads),
+            "three-pads.onnx",
+            three_pads,
             "pads has 3 values where its 2 spatial axes need 4",
         ),
         (
-            write(dir.path(), "one-stride.onnx", one_stride),
+            "one-stride.onnx",
+            one_stride,
             "strides has 1 values where its 2 spatial axes need 2",
         ),
         (
-            write(dir.path(), "zero-dilation.onnx", zero_dilation),
+            "zero-dilation.onnx",
+            zero_dilation,
             "dilations holds 0, outside 1..=1048576",
         ),
+        ("no-outputs.onnx", no_outputs, "no outputs"),
         (
-            write(dir.path(), "no-outputs.onnx", no_outputs),
-            "no outputs",
-        ),
-        (
-            write(dir.path(), "ghost-output.onnx", ghost_output),
+            "ghost-output.onnx",
+            ghost_output,
             "\"ghost\" is not produced by any node",
         ),
         (
-            write(dir.path(), "ghost-input.onnx", ghost_input),
+            "ghost-input.onnx",
+            ghost_input,
             "reads \"missing_weight\", which nothing produces",
         ),
         (
-            write(dir.path(), "huge-axis.onnx", huge_axis),
+            "huge-axis.onnx",
+            huge_axis,
             "names axis -68719476737, beyond any tensor's rank",
         ),
-        (
-            write(dir.path(), "zero-classes.onnx", linear_classifier(0)),
-            "0 classes",
-        ),
+        ("zero-classes.onnx", linear_classifier(0), "0 classes"),
     ];
-    for (model, expected) in &cases {
+    for (name, graph, expected) in cases {
+        let model = write(dir.path(), name, graph);
         for command in ["classify", "explain"] {
-            let mut args = vec![command, &sample, "--model", model];
+            let mut args = vec![command, &sample, "--model", &model];
             // explain first asks for attention outputs, which these models lack.
             let expected = match command {
                 "explain" => {

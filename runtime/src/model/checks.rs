@@ -2,11 +2,9 @@
 //! input shape), and parsing of the metadata values: bad input becomes a [`ModelError`], never
 //! a panic.
 
-use super::ModelError;
+use super::{ModelError, tract};
 use std::collections::BTreeMap;
-use tract_onnx::prelude::{
-    DatumType, InferenceFact, InferenceModel, OutletId, TVec, TractError, TractResult,
-};
+use tract_onnx::prelude::{DatumType, InferenceFact, InferenceModel, OutletId, TVec, TractResult};
 use tract_onnx::tract_hir::infer::Factoid;
 
 /// Most axes a tensor of a model has; ONNX sets no limit, real graphs stay below 8.
@@ -75,10 +73,18 @@ pub(super) fn check_wiring(graph: &tract_onnx::pb::GraphProto) -> Result<(), Mod
     Ok(())
 }
 
+/// The attribute `name` of `node`, if it has one.
+fn attribute<'a>(
+    node: &'a tract_onnx::pb::NodeProto,
+    name: &str,
+) -> Option<&'a tract_onnx::pb::AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
 /// A Transpose's `perm` names each axis once: tract reads the input's dimension at every entry
 /// (a fuzzed `[0, 5, 1, 3]` indexed past a rank-4 shape).
 fn check_permutation(node: &tract_onnx::pb::NodeProto) -> Result<(), ModelError> {
-    let Some(perm) = node.attribute.iter().find(|a| a.name == "perm") else {
+    let Some(perm) = attribute(node, "perm") else {
         return Ok(());
     };
     let mut seen = vec![false; perm.ints.len()];
@@ -133,12 +139,7 @@ fn check_window(
     let malformed = |what: String| {
         ModelError::Malformed(format!("node {:?} ({}): {what}", node.name, node.op_type))
     };
-    let ints = |name: &str| {
-        node.attribute
-            .iter()
-            .find(|a| a.name == name)
-            .map(|a| a.ints.as_slice())
-    };
+    let ints = |name: &str| attribute(node, name).map(|a| a.ints.as_slice());
     let weight_rank = weight_input
         .and_then(|i| node.input.get(i))
         .and_then(|name| graph.initializer.iter().find(|init| &init.name == name))
@@ -172,7 +173,7 @@ fn check_window(
             )));
         }
     }
-    if let Some(group) = node.attribute.iter().find(|a| a.name == "group")
+    if let Some(group) = attribute(node, "group")
         && group.i < 1
     {
         return Err(malformed(format!("group is {}", group.i)));
@@ -192,14 +193,13 @@ pub(super) fn check_shapes_agree(
     model: &mut InferenceModel,
     graph: &tract_onnx::pb::GraphProto,
 ) -> Result<(), ModelError> {
-    let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
     // Window sides by the name of the node's first output, which tract keeps as its label.
     let windows: std::collections::HashMap<&str, usize> = graph
         .node
         .iter()
         .filter(|node| WINDOWED_OPS.contains(&node.op_type.as_str()))
         .filter_map(|node| {
-            let kernel = node.attribute.iter().find(|a| a.name == "kernel_shape")?;
+            let kernel = attribute(node, "kernel_shape")?;
             Some((node.output.first()?.as_str(), kernel.ints.len()))
         })
         .collect();

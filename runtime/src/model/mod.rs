@@ -165,6 +165,11 @@ const QUANTIZING_OPS: [&str; 5] = [
     "ConvInteger",
 ];
 
+/// A tract error as a [`ModelError`], with its whole chain of causes.
+fn tract(error: tract_onnx::prelude::TractError) -> ModelError {
+    ModelError::Tract(format!("{error:#}"))
+}
+
 impl Model {
     /// Load a model from an ONNX file, as [`Model::from_bytes`] does.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model, ModelError> {
@@ -184,7 +189,6 @@ impl Model {
     }
 
     fn from_bytes_unguarded(bytes: &[u8], options: &ModelOptions) -> Result<Model, ModelError> {
-        let tract = |e: tract_onnx::prelude::TractError| ModelError::Tract(format!("{e:#}"));
         let (isa, isa_forced) = Isa::choose(options.isa)?;
         let mut onnx = tract_onnx::onnx();
         // Parse the protobuf first so a non-ONNX file gets its own error, not a tract trace.
@@ -345,9 +349,9 @@ impl Model {
         }
         let attention_layers = keep.len() - 1;
         model.select_output_outlets(&keep).map_err(tract)?;
+        check_shapes_agree(&mut model, graph)?;
         // The f16 translator and the attention fusion work on the decluttered graph;
         // into_optimized declutters anyway.
-        check_shapes_agree(&mut model, graph)?;
         let mut typed = model.into_typed().map_err(tract)?;
         if precision != Precision::F16 {
             fuse_before_declutter(&mut typed, isa, isa_forced).map_err(tract)?;
